@@ -1,0 +1,264 @@
+/*
+ * attention.c - dense and sparse attention with an online softmax.
+ *
+ * Both kernels share one tile engine: a work item is a group of query heads
+ * that read the same KV head (and, for sparse, the same selection), times a
+ * tile of consecutive queries. The item's queries are gathered (pre-scaled)
+ * into one row block so that a GQA group shares every K/V tile it loads;
+ * key tiles of at most TILE_K keys are walked over the item's key ranges,
+ * S = Q K^T and O += P V go through OpenBLAS sgemm, and the softmax is kept
+ * online (running max m, running sum l) so nothing larger than a tile is
+ * ever materialised. Items are handed out longest-first with dynamic
+ * scheduling because causal tiles differ in cost.
+ *
+ * Must agree with dhsa/reference.py: dense_attention and sparse_attention.
+ */
+#include <math.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "internal.h"
+
+#define TILE_K 256       /* keys per S tile */
+#define TILE_Q_DENSE 64  /* queries per dense work item */
+#define TILE_ROWS 256    /* target rows (heads x queries) per work item */
+
+typedef struct {
+    int64_t rows_cap, D;
+    float *qt;   /* (rows_cap, D)     scaled queries */
+    float *s;    /* (rows_cap, TILE_K) logits, then probabilities */
+    float *o;    /* (rows_cap, D)     unnormalised output */
+    float *m;    /* (rows_cap)        running max */
+    float *l;    /* (rows_cap)        running sum */
+} tile_scratch;
+
+static int scratch_init(tile_scratch *w, int64_t rows_cap, int64_t D) {
+    w->rows_cap = rows_cap;
+    w->D = D;
+    w->qt = dhsa_alloc((size_t)(rows_cap * D) * sizeof(float));
+    w->s = dhsa_alloc((size_t)(rows_cap * TILE_K) * sizeof(float));
+    w->o = dhsa_alloc((size_t)(rows_cap * D) * sizeof(float));
+    w->m = dhsa_alloc((size_t)rows_cap * sizeof(float));
+    w->l = dhsa_alloc((size_t)rows_cap * sizeof(float));
+    return (w->qt && w->s && w->o && w->m && w->l) ? DHSA_OK : DHSA_ENOMEM;
+}
+
+static void scratch_free(tile_scratch *w) {
+    free(w->qt); free(w->s); free(w->o); free(w->m); free(w->l);
+}
+
+int dhsa_attn_shape_check(const dhsa_attn_shape *s) {
+    if (!s) return DHSA_EINVAL;
+    if (s->B <= 0 || s->H <= 0 || s->Hkv <= 0 || s->Lq <= 0 || s->Lk <= 0) return DHSA_EINVAL;
+    if (s->D <= 0 || s->D > 256) return DHSA_EINVAL;
+    if (s->H % s->Hkv != 0 || s->Lq > s->Lk) return DHSA_EINVAL;
+    if (!(s->scale > 0.0f) || !isfinite(s->scale)) return DHSA_EINVAL;
+    if (!(s->softcap >= 0.0f) || !isfinite(s->softcap)) return DHSA_EINVAL;
+    if (s->window < 0) return DHSA_EINVAL;
+    if (s->Lk > INT32_MAX) return DHSA_EOVERFLOW;
+    /* element counts must fit int64 (and BLAS ints per tile, which they do) */
+    if (s->B > INT64_MAX / s->H || s->B * s->H > INT64_MAX / s->Lk ||
+        s->B * s->H * s->Lk > INT64_MAX / s->D) return DHSA_EOVERFLOW;
+    return DHSA_OK;
+}
+
+/* Visible key interval [lo, hi) of the query at position p. */
+static inline void visible_keys(const dhsa_attn_shape *s, int64_t p, int64_t *lo, int64_t *hi) {
+    int64_t a = 0, b = s->Lk;
+    if (s->causal) b = p + 1;
+    if (s->window > 0) {
+        a = DHSA_MAX(a, p - s->window + 1);
+        if (!s->causal) b = DHSA_MIN(b, p + s->window);
+    }
+    *lo = a;
+    *hi = b;
+}
+
+/* One work item.
+ * q (B,H,Lq,D), k/v (B,Hkv,Lk,D), out (B,H,Lq,D); heads [h0, h0+nh) of batch
+ * b, all reading KV head kvh, queries [i0, i0+nq), key ranges
+ * [starts[r], ends[r]) for r < nranges (sorted). */
+static void attend_item(tile_scratch *w, float *out, const float *q, const float *k,
+                        const float *v, const dhsa_attn_shape *s, int64_t b, int64_t h0,
+                        int64_t nh, int64_t kvh, int64_t i0, int64_t nq,
+                        const int32_t *starts, const int32_t *ends, int64_t nranges) {
+    const int64_t D = s->D, R = nh * nq;
+    const int64_t pos0 = s->Lk - s->Lq + i0, pos_last = pos0 + nq - 1;
+    const float *kb = k + (b * s->Hkv + kvh) * s->Lk * D;
+    const float *vb = v + (b * s->Hkv + kvh) * s->Lk * D;
+
+    for (int64_t hh = 0; hh < nh; hh++) {
+        const float *src = q + ((b * s->H + h0 + hh) * s->Lq + i0) * D;
+        float *dst = w->qt + hh * nq * D;
+        for (int64_t x = 0; x < nq * D; x++) dst[x] = src[x] * s->scale;
+    }
+    memset(w->o, 0, (size_t)(R * D) * sizeof(float));
+    for (int64_t r = 0; r < R; r++) { w->m[r] = -INFINITY; w->l[r] = 0.0f; }
+
+    /* keys any row of the item may see */
+    int64_t item_lo, item_hi, tmp;
+    visible_keys(s, pos0, &item_lo, &tmp);
+    visible_keys(s, pos_last, &tmp, &item_hi);
+
+    for (int64_t rg = 0; rg < nranges; rg++) {
+        int64_t a = DHSA_MAX((int64_t)starts[rg], item_lo);
+        int64_t e = DHSA_MIN((int64_t)ends[rg], item_hi);
+        for (int64_t k0 = a; k0 < e; k0 += TILE_K) {
+            const int64_t k1 = DHSA_MIN(e, k0 + TILE_K), nk = k1 - k0;
+            /* mask only tiles that cross the diagonal or a window edge */
+            int64_t lo0, hi0, lo1, hi1;
+            visible_keys(s, pos0, &lo0, &hi0);
+            visible_keys(s, pos_last, &lo1, &hi1);
+            const int need_mask = k0 < lo1 || k1 > hi0;
+
+            dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)R, (int)nk, (int)D,
+                       1.0f, w->qt, (int)D, kb + k0 * D, (int)D, 0.0f, w->s, TILE_K);
+            for (int64_t r = 0; r < R; r++) {
+                float *srow = w->s + r * TILE_K;
+                int64_t ja = k0, jb = k1;
+                if (s->softcap > 0.0f) dhsa_row_softcap(srow, nk, s->softcap);
+                if (need_mask) {
+                    int64_t lo, hi;
+                    visible_keys(s, pos0 + r % nq, &lo, &hi);
+                    ja = DHSA_MAX(ja, lo);
+                    jb = DHSA_MIN(jb, hi);
+                    if (ja >= jb) { memset(srow, 0, (size_t)nk * sizeof(float)); continue; }
+                    for (int64_t j = k0; j < ja; j++) srow[j - k0] = -INFINITY;
+                    for (int64_t j = jb; j < k1; j++) srow[j - k0] = -INFINITY;
+                }
+                const float rmax = dhsa_row_max(srow + (ja - k0), jb - ja);
+                const float m_new = rmax > w->m[r] ? rmax : w->m[r];
+                const float sum = dhsa_row_exp_sum(srow, nk, m_new);
+                const float alpha = expf(w->m[r] - m_new); /* 0 on the first tile */
+                if (alpha != 1.0f) dhsa_row_scale(w->o + r * D, D, alpha);
+                w->l[r] = w->l[r] * alpha + sum;
+                w->m[r] = m_new;
+            }
+            dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)R, (int)D, (int)nk,
+                       1.0f, w->s, TILE_K, vb + k0 * D, (int)D, 1.0f, w->o, (int)D);
+        }
+    }
+
+    for (int64_t hh = 0; hh < nh; hh++) {
+        float *dst = out + ((b * s->H + h0 + hh) * s->Lq + i0) * D;
+        for (int64_t i = 0; i < nq; i++) {
+            const int64_t r = hh * nq + i;
+            /* a row that saw no key (only possible with a caller's selection
+             * that omits it) gives zeros rather than NaN */
+            const float inv = w->l[r] > 0.0f ? 1.0f / w->l[r] : 0.0f;
+            for (int64_t x = 0; x < D; x++) dst[i * D + x] = w->o[r * D + x] * inv;
+        }
+    }
+}
+
+/* Heads per work item: the whole GQA group up to TILE_ROWS rows. */
+static int64_t heads_per_item(int64_t group, int64_t qtile) {
+    int64_t hpi = TILE_ROWS / qtile;
+    if (hpi < 1) hpi = 1;
+    return DHSA_MIN(hpi, group);
+}
+
+int dhsa_attention_dense(float *out, const float *q, const float *k, const float *v,
+                         const dhsa_attn_shape *s, int num_threads) {
+    int st = dhsa_attn_shape_check(s);
+    if (st != DHSA_OK) return st;
+    if (!out || !q || !k || !v || num_threads < 1) return DHSA_EINVAL;
+
+    const int64_t G = s->H / s->Hkv, BQ = TILE_Q_DENSE;
+    const int64_t hpi = heads_per_item(G, BQ), nsub = (G + hpi - 1) / hpi;
+    const int64_t nqt = (s->Lq + BQ - 1) / BQ;
+    const int64_t per_tile = s->B * s->Hkv * nsub, items = per_tile * nqt;
+    int status = DHSA_OK;
+
+#pragma omp parallel num_threads(dhsa_threads_for(num_threads, items))
+    {
+        tile_scratch w;
+        int ok = scratch_init(&w, hpi * BQ, s->D) == DHSA_OK;
+        if (!ok) {
+#pragma omp atomic write
+            status = DHSA_ENOMEM;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < items; t++) {
+            if (!ok) continue;
+            const int64_t qt = nqt - 1 - t / per_tile; /* longest tiles first */
+            int64_t rem = t % per_tile;
+            const int64_t sub = rem % nsub; rem /= nsub;
+            const int64_t kvh = rem % s->Hkv, b = rem / s->Hkv;
+            const int64_t h0 = kvh * G + sub * hpi, nh = DHSA_MIN(hpi, G - sub * hpi);
+            const int64_t i0 = qt * BQ, nq = DHSA_MIN(BQ, s->Lq - i0);
+            const int64_t pos0 = s->Lk - s->Lq + i0, pos_last = pos0 + nq - 1;
+            int64_t lo, hi, tmp;
+            visible_keys(s, pos0, &lo, &tmp);
+            visible_keys(s, pos_last, &tmp, &hi);
+            const int32_t start = (int32_t)lo, end = (int32_t)hi;
+            attend_item(&w, out, q, k, v, s, b, h0, nh, kvh, i0, nq, &start, &end, 1);
+        }
+        scratch_free(&w);
+    }
+    return status;
+}
+
+int dhsa_selection_check(const dhsa_selection *sel, const dhsa_attn_shape *s) {
+    if (!sel || !sel->offsets || sel->block_size <= 0) return DHSA_EINVAL;
+    if (sel->num_blocks != (s->Lq + sel->block_size - 1) / sel->block_size) return DHSA_EINVAL;
+    if (sel->num_groups != 1 && sel->num_groups != s->Hkv && sel->num_groups != s->H)
+        return DHSA_EINVAL;
+    const int64_t n = s->B * sel->num_groups * sel->num_blocks;
+    if (sel->offsets[0] != 0) return DHSA_EINVAL;
+    for (int64_t i = 0; i < n; i++) {
+        if (sel->offsets[i + 1] < sel->offsets[i]) return DHSA_EINVAL;
+        int64_t prev_end = 0;
+        for (int64_t r = sel->offsets[i]; r < sel->offsets[i + 1]; r++) {
+            if (sel->starts[r] < prev_end || sel->ends[r] <= sel->starts[r] ||
+                sel->ends[r] > s->Lk) return DHSA_EINVAL;
+            prev_end = sel->ends[r];
+        }
+    }
+    return DHSA_OK;
+}
+
+int dhsa_attention_sparse(float *out, const float *q, const float *k, const float *v,
+                          const dhsa_attn_shape *s, const dhsa_selection *sel,
+                          int num_threads) {
+    int st = dhsa_attn_shape_check(s);
+    if (st != DHSA_OK) return st;
+    if (!out || !q || !k || !v || num_threads < 1) return DHSA_EINVAL;
+    st = dhsa_selection_check(sel, s);
+    if (st != DHSA_OK) return st;
+
+    const int64_t G = s->H / s->Hkv, BQ = sel->block_size, SG = sel->num_groups;
+    /* heads that share a selection and a KV head go into one item */
+    const int64_t hpi = SG == s->H ? 1 : heads_per_item(G, BQ);
+    const int64_t nsub = (G + hpi - 1) / hpi, nqt = sel->num_blocks;
+    const int64_t per_tile = s->B * s->Hkv * nsub, items = per_tile * nqt;
+    int status = DHSA_OK;
+
+#pragma omp parallel num_threads(dhsa_threads_for(num_threads, items))
+    {
+        tile_scratch w;
+        int ok = scratch_init(&w, hpi * BQ, s->D) == DHSA_OK;
+        if (!ok) {
+#pragma omp atomic write
+            status = DHSA_ENOMEM;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < items; t++) {
+            if (!ok) continue;
+            const int64_t qt = nqt - 1 - t / per_tile;
+            int64_t rem = t % per_tile;
+            const int64_t sub = rem % nsub; rem /= nsub;
+            const int64_t kvh = rem % s->Hkv, b = rem / s->Hkv;
+            const int64_t h0 = kvh * G + sub * hpi, nh = DHSA_MIN(hpi, G - sub * hpi);
+            const int64_t i0 = qt * BQ, nq = DHSA_MIN(BQ, s->Lq - i0);
+            const int64_t sg = SG == 1 ? 0 : (SG == s->Hkv ? kvh : h0);
+            const int64_t idx = (b * SG + sg) * nqt + qt;
+            const int64_t r0 = sel->offsets[idx], nr = sel->offsets[idx + 1] - r0;
+            attend_item(&w, out, q, k, v, s, b, h0, nh, kvh, i0, nq,
+                        sel->starts + r0, sel->ends + r0, nr);
+        }
+        scratch_free(&w);
+    }
+    return status;
+}

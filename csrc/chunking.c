@@ -1,0 +1,95 @@
+/*
+ * chunking.c - training-free dynamic chunking of the keys.
+ *
+ * A boundary belongs where the key content shifts. The score of position t
+ * compares the mean key of the `window` positions left of t with the mean
+ * of the `window` positions right of t, both centred on the mean of all keys
+ * before t (keys share a large constant component that would make every
+ * cosine close to 1). Means come from running sums, so scoring is O(L * D)
+ * per head. A left-to-right scan then places boundaries at local maxima
+ * above a threshold, with minimum / maximum chunk lengths and an optional cap
+ * on the number of chunks; the decision at t looks at most
+ * window + nms_radius keys ahead, which keeps the chunking causal beyond
+ * that look-ahead (DHSAConfig checks local >= that look-ahead).
+ *
+ * Must agree with dhsa/reference.py: boundary_scores and find_boundaries.
+ */
+#include <math.h>
+#include <string.h>
+#include "internal.h"
+
+/* score (Lk) from k: nheads heads of (Lk, D), head_stride floats apart.
+ * Running sums are kept in a ring of 2 * window + 2 rows (row x = sum of keys
+ * [0, x)), so memory is O(window * heads * D) whatever Lk is. */
+int dhsa_chunking_boundary_scores(double *score, const float *k, int64_t Lk, int64_t D,
+                                  int64_t nheads, int64_t head_stride, int64_t window) {
+    if (!score || !k || Lk <= 0 || D <= 0 || nheads <= 0 || window <= 0) return DHSA_EINVAL;
+    window = DHSA_MIN(window, Lk);
+    const int64_t W = nheads * D; /* heads concatenated */
+    const int64_t ring = 2 * window + 2;
+    double *prefix = dhsa_alloc((size_t)(ring * W) * sizeof(double));
+    if (!prefix) return DHSA_ENOMEM;
+#define ROW(x) (prefix + ((x) % ring) * W)
+    memset(ROW(0), 0, (size_t)W * sizeof(double));
+    int64_t made = 0; /* rows [0, made] exist */
+    score[0] = 0.0;
+    for (int64_t t = 1; t < Lk; t++) {
+        const int64_t wl = DHSA_MIN(window, t), wr = DHSA_MIN(window, Lk - t);
+        while (made < t + wr) {
+            const double *prev = ROW(made);
+            double *dst = ROW(made + 1);
+            for (int64_t h = 0; h < nheads; h++) {
+                const float *row = k + h * head_stride + made * D;
+                for (int64_t d = 0; d < D; d++) dst[h * D + d] = prev[h * D + d] + (double)row[d];
+            }
+            made++;
+        }
+        const double *p0 = ROW(t - wl), *pt = ROW(t), *p1 = ROW(t + wr);
+        double dot = 0.0, nl = 0.0, nr = 0.0;
+        for (int64_t x = 0; x < W; x++) {
+            const double mu = pt[x] / (double)t;
+            const double a = (pt[x] - p0[x]) / (double)wl - mu;
+            const double b = (p1[x] - pt[x]) / (double)wr - mu;
+            dot += a * b;
+            nl += a * a;
+            nr += b * b;
+        }
+        score[t] = (nl > 0.0 && nr > 0.0) ? 1.0 - dot / (sqrt(nl) * sqrt(nr)) : 0.0;
+    }
+#undef ROW
+    free(prefix);
+    return DHSA_OK;
+}
+
+int dhsa_chunking_find_boundaries(int64_t *bounds, int64_t *num_bounds, const double *score,
+                                  int64_t Lk, const dhsa_chunking_params *p) {
+    if (!bounds || !num_bounds || !score || !p || Lk <= 0) return DHSA_EINVAL;
+    if (p->min_len < 1 || p->max_len < p->min_len || p->nms_radius < 0 || p->max_chunks < 0)
+        return DHSA_EINVAL;
+    if (!isfinite(p->threshold)) return DHSA_EINVAL;
+    int64_t min_len = p->min_len, max_len = p->max_len;
+    if (p->max_chunks > 0) {
+        /* every chunk but the last has >= min_len keys, so this caps the count */
+        const int64_t need = (Lk + p->max_chunks - 1) / p->max_chunks;
+        min_len = DHSA_MAX(min_len, need);
+        max_len = DHSA_MAX(max_len, min_len);
+    }
+    int64_t n = 0, last = 0;
+    bounds[n++] = 0;
+    for (int64_t t = 1; t < Lk; t++) {
+        const int64_t len = t - last;
+        int take = len >= max_len;
+        if (!take && len >= min_len && score[t] >= p->threshold) {
+            take = 1;
+            const int64_t a = DHSA_MAX(1, t - p->nms_radius), b = DHSA_MIN(Lk - 1, t + p->nms_radius);
+            for (int64_t u = a; u <= b && take; u++) {
+                if (u < t && score[u] >= score[t]) take = 0; /* the earlier wins ties */
+                if (u > t && score[u] > score[t]) take = 0;
+            }
+        }
+        if (take) { bounds[n++] = t; last = t; }
+    }
+    bounds[n++] = Lk;
+    *num_bounds = n;
+    return DHSA_OK;
+}

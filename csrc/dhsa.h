@@ -1,0 +1,218 @@
+/*
+ * dhsa.h - public C API of the DHSA core.
+ *
+ * Dynamic Hierarchical Sparse Attention on the CPU: dense flash-style
+ * attention, dynamic chunking of the keys, length-normalised chunk
+ * representations, chunk scores, budgeted selection of key ranges, and a
+ * sparse attention kernel that consumes those ranges.
+ *
+ * Conventions
+ *   - Plain C, no Python. Every function returns an int status (DHSA_OK on
+ *     success); the core never prints, exits or aborts.
+ *   - Outputs first, then inputs, then sizes and options.
+ *   - Tensors are dense row-major float32: q is (B, H, Lq, D), k and v are
+ *     (B, Hkv, Lk, D), out is (B, H, Lq, D). H is a multiple of Hkv (GQA);
+ *     query head h reads KV head h / (H / Hkv).
+ *   - Queries are the last Lq of the Lk positions: query i sits at position
+ *     Lk - Lq + i.
+ *   - Key j is visible to the query at position p when
+ *       causal:      j <= p
+ *       window > 0:  j > p - window   (and, if not causal, j < p + window)
+ *   - A selection is a list of half-open key ranges [start, end) per
+ *     (batch, selection group, query block), stored CSR-style.
+ */
+#ifndef DHSA_H
+#define DHSA_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DHSA_VERSION "0.1.0"
+
+enum dhsa_status {
+    DHSA_OK = 0,
+    DHSA_EINVAL = 1,     /* an argument is out of range or inconsistent */
+    DHSA_ENOMEM = 2,     /* an allocation failed */
+    DHSA_ENONFINITE = 3, /* an input holds NaN or Inf */
+    DHSA_EOVERFLOW = 4,  /* a size product does not fit the index type */
+};
+
+/* Human-readable message for a status code (static storage). */
+const char *dhsa_status_string(int status);
+
+/* ---- build information and run-time switches (status.c, simd.c) ------- */
+
+/* 1 when the AVX2/FMA kernels were compiled in and this CPU runs them. */
+int dhsa_simd_available(void);
+/* Name of the path in use now: "avx2-fma" or "scalar". */
+const char *dhsa_simd_path(void);
+/* Force the plain scalar twins (1) or allow the vectorised ones (0). */
+void dhsa_simd_force_scalar(int force);
+/* Number of cores the OpenMP runtime would use by default. */
+int dhsa_max_threads(void);
+/* BLAS identification: configuration string and core name. */
+const char *dhsa_blas_config(void);
+const char *dhsa_blas_corename(void);
+
+/* Largest float32 tensor check: 0 when every value is finite. */
+int dhsa_check_finite(const float *x, int64_t n);
+
+/* ---- attention (attention.c) ------------------------------------------- */
+
+typedef struct {
+    int64_t B, H, Hkv, Lq, Lk, D;
+    float scale;    /* multiplier of q.k, usually 1/sqrt(D) */
+    float softcap;  /* > 0: logits become softcap * tanh(logit / softcap) */
+    int64_t window; /* > 0: sliding window (see conventions above) */
+    int causal;     /* 1: key j visible only to positions >= j */
+} dhsa_attn_shape;
+
+typedef struct {
+    int64_t block_size;      /* queries per block */
+    int64_t num_blocks;      /* ceil(Lq / block_size) */
+    int64_t num_groups;      /* selection groups per batch item: 1, Hkv or H */
+    const int64_t *offsets;  /* (B * num_groups * num_blocks + 1) into starts/ends */
+    const int32_t *starts;   /* range starts, sorted, non-overlapping per block */
+    const int32_t *ends;     /* range ends (exclusive) */
+} dhsa_selection;
+
+/* Check a shape: sizes positive, H % Hkv == 0, Lq <= Lk, D <= 256, scale
+ * finite and > 0, softcap >= 0, window >= 0, products fit int64. */
+int dhsa_attn_shape_check(const dhsa_attn_shape *s);
+
+/* out (B,H,Lq,D) = softmax(q k^T * scale [softcap] [mask]) v, tiled with an
+ * online softmax; memory O(threads * tile). */
+int dhsa_attention_dense(float *out, const float *q, const float *k,
+                         const float *v, const dhsa_attn_shape *s,
+                         int num_threads);
+
+/* Same as dense, but each query block attends only to its selected ranges
+ * (the causal / window masks still apply per query inside them). */
+int dhsa_attention_sparse(float *out, const float *q, const float *k,
+                          const float *v, const dhsa_attn_shape *s,
+                          const dhsa_selection *sel, int num_threads);
+
+/* Check a selection against a shape: offsets monotone, ranges sorted,
+ * non-empty, non-overlapping and inside [0, Lk). */
+int dhsa_selection_check(const dhsa_selection *sel, const dhsa_attn_shape *s);
+
+/* ---- chunking (chunking.c) --------------------------------------------- */
+
+/* score (Lk) = boundary score of every key position of one chunking group:
+ * the heads [0, nheads) of k (each (Lk, D), head_stride floats apart).
+ * score[t] = 1 - cos(mL - mu, mR - mu) where mL / mR are the mean keys of
+ * the `window` positions left / right of t (fewer at the edges) and mu the
+ * mean of keys [0, t); score[0] = 0, and 0 where a vector is zero. */
+int dhsa_chunking_boundary_scores(double *score, const float *k,
+                                  int64_t Lk, int64_t D, int64_t nheads,
+                                  int64_t head_stride, int64_t window);
+
+typedef struct {
+    double threshold;   /* candidates need score >= threshold */
+    int64_t min_len;    /* shortest chunk (except the last) */
+    int64_t max_len;    /* longest chunk: a boundary is forced there */
+    int64_t nms_radius; /* a candidate must beat its neighbours within this */
+    int64_t max_chunks; /* 0: no cap; else lengths widen to keep <= this */
+} dhsa_chunking_params;
+
+/* bounds (cap Lk + 1) = 0 = b0 < b1 < ... < bN = Lk by a left-to-right scan:
+ * t becomes a boundary when the open chunk reached max_len, or when it has
+ * min_len keys and score[t] >= threshold is a local maximum within
+ * nms_radius (ties go to the earlier position). The decision at t reads
+ * scores up to t + nms_radius only, so the chunking is causal up to that
+ * look-ahead. *num_bounds receives N + 1. */
+int dhsa_chunking_find_boundaries(int64_t *bounds, int64_t *num_bounds,
+                                  const double *score, int64_t Lk,
+                                  const dhsa_chunking_params *p);
+
+/* ---- representations (representations.c) ------------------------------ */
+
+/* prefix (L + 1, D) = running sums over positions of the mean over heads
+ * [0, nheads) of x (each (L, D), head_stride floats apart); prefix[0] = 0. */
+int dhsa_repr_prefix_sums(double *prefix, const float *x, int64_t L,
+                          int64_t D, int64_t nheads, int64_t head_stride);
+
+/* out (D) = (prefix[b] - prefix[a]) / sqrt(b - a) = mean of [a, b) * sqrt(n). */
+void dhsa_repr_range(double *out, const double *prefix, int64_t D, int64_t a,
+                     int64_t b);
+
+/* ---- scores and selection (selection.c) -------------------------------- */
+
+enum dhsa_budget_mode {
+    DHSA_BUDGET_TOKENS = 0,   /* a fixed number of keys per query block */
+    DHSA_BUDGET_DENSITY = 1,  /* a fraction of the block's allowed keys */
+    DHSA_BUDGET_ADAPTIVE = 2, /* smallest chunk set reaching a mass threshold */
+};
+
+enum dhsa_granularity {
+    DHSA_GRAN_LAYER = 0,      /* one selection per batch item, heads averaged */
+    DHSA_GRAN_KV_HEAD = 1,    /* one per KV head, shared by its query heads */
+    DHSA_GRAN_QUERY_HEAD = 2, /* one per query head */
+};
+
+typedef struct {
+    int granularity;          /* enum dhsa_granularity */
+    int64_t block_size;       /* queries per block */
+    int64_t sink;             /* first allowed keys always kept */
+    int64_t local;            /* keys right before the block always kept */
+    int mode;                 /* enum dhsa_budget_mode */
+    int64_t budget;           /* tokens mode: keys per block */
+    double density;           /* density mode: fraction in (0, 1] */
+    double mass;              /* adaptive: mass threshold in (0, 1] */
+    int64_t min_budget;       /* adaptive: lower clamp */
+    int64_t max_budget;       /* adaptive: upper clamp */
+    int64_t boundary_window;  /* chunking: keys each side of a candidate */
+    dhsa_chunking_params chunking;
+} dhsa_predict_params;
+
+/* Groups per batch item: chunking groups (1 for layer, else Hkv) and
+ * selection groups (1, Hkv or H). */
+int64_t dhsa_predict_chunk_groups(const dhsa_attn_shape *s, const dhsa_predict_params *p);
+int64_t dhsa_predict_select_groups(const dhsa_attn_shape *s, const dhsa_predict_params *p);
+
+/* bounds (B * CG, Lk + 1), num_bounds (B * CG): dynamic chunking of every
+ * chunking group (its KV heads concatenated). */
+int dhsa_predict_boundaries(int64_t *bounds, int64_t *num_bounds, const float *k,
+                            const dhsa_attn_shape *s, const dhsa_predict_params *p,
+                            int num_threads);
+
+/* Check caller-given bounds: each row starts at 0, rises strictly, ends at Lk. */
+int dhsa_predict_check_bounds(const int64_t *bounds, const int64_t *num_bounds,
+                              const dhsa_attn_shape *s, const dhsa_predict_params *p);
+
+/* capacity (B * SG * NQB + 1): offsets of a range buffer big enough for any
+ * selection over these bounds (per block 4 + chunks meeting its keys). */
+int dhsa_predict_capacity(int64_t *capacity, const dhsa_attn_shape *s,
+                          const dhsa_predict_params *p, const int64_t *bounds,
+                          const int64_t *num_bounds);
+
+/* The hierarchical prediction. Per (batch, selection group, query block):
+ * allowed keys [lo, hi); the first `sink` of them and the `local` keys
+ * before the block plus the block's own keys are always kept; the other keys
+ * come as chunk pieces scored by r_q . r_k (length-normalised
+ * representations of the block's head-averaged queries and of the piece's
+ * head-averaged keys), best first, the last piece cut to fit the budget.
+ * Writes sorted, merged ranges at starts/ends + capacity[i], their number to
+ * counts[i]. chunk_scores, when not NULL, receives (B * SG, NQB,
+ * score_stride) full-chunk scores, NaN where the chunk is not reachable. */
+int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
+                        double *chunk_scores, int64_t score_stride,
+                        const int64_t *capacity, const float *q, const float *k,
+                        const dhsa_attn_shape *s, const dhsa_predict_params *p,
+                        const int64_t *bounds, const int64_t *num_bounds,
+                        int num_threads);
+
+/* pairs_selected, pairs_allowed (B * num_groups): query-key pairs a
+ * selection keeps under the masks, and pairs the masks allow. */
+int dhsa_selection_count_pairs(int64_t *pairs_selected, int64_t *pairs_allowed,
+                               const dhsa_selection *sel, const dhsa_attn_shape *s);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DHSA_H */

@@ -1,0 +1,56 @@
+/*
+ * internal.h - helpers shared by the C files of the core (not installed).
+ */
+#ifndef DHSA_INTERNAL_H
+#define DHSA_INTERNAL_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include "dhsa.h"
+
+/* OpenBLAS: the scipy-openblas wheels prefix every symbol with "scipy_". */
+#ifdef DHSA_BLAS_PREFIX_SCIPY
+#define DHSA_BLAS(name) scipy_##name
+#else
+#define DHSA_BLAS(name) name
+#endif
+#include <cblas.h>
+
+#define dhsa_sgemm DHSA_BLAS(cblas_sgemm)
+#define dhsa_dgemm DHSA_BLAS(cblas_dgemm)
+
+#define DHSA_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define DHSA_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define DHSA_CACHE_LINE 64
+
+/* Aligned scratch: buffers are cache-line aligned and padded so two threads
+ * never share a line. */
+static inline void *dhsa_alloc(size_t bytes) {
+    size_t padded = (bytes + DHSA_CACHE_LINE - 1) / DHSA_CACHE_LINE * DHSA_CACHE_LINE;
+    if (padded == 0) padded = DHSA_CACHE_LINE;
+    return aligned_alloc(DHSA_CACHE_LINE, padded);
+}
+
+/* Row kernels of the online softmax (simd.c). Each has a scalar twin; the
+ * dispatcher picks the vectorised one unless dhsa_simd_force_scalar(1). */
+float dhsa_row_max(const float *x, int64_t n);
+/* x[i] = exp(x[i] - m); returns the sum of the new x. */
+float dhsa_row_exp_sum(float *x, int64_t n, float m);
+/* x[i] = cap * tanh(x[i] / cap) */
+void dhsa_row_softcap(float *x, int64_t n, float cap);
+/* x[i] *= a */
+void dhsa_row_scale(float *x, int64_t n, float a);
+
+float dhsa_row_max_scalar(const float *x, int64_t n);
+float dhsa_row_exp_sum_scalar(float *x, int64_t n, float m);
+void dhsa_row_softcap_scalar(float *x, int64_t n, float cap);
+void dhsa_row_scale_scalar(float *x, int64_t n, float a);
+
+/* Number of threads to use for `work` independent items. */
+static inline int dhsa_threads_for(int requested, int64_t work) {
+    int n = requested > 0 ? requested : 1;
+    if (work < n) n = (int)(work > 0 ? work : 1);
+    return n;
+}
+
+#endif /* DHSA_INTERNAL_H */

@@ -1,0 +1,38 @@
+/*
+ * representations.c - running sums behind the length-normalised chunk
+ * representations.
+ *
+ * A chunk [a, b) of keys (or a block of queries) is represented by
+ * r = mean * sqrt(n) = (P[b] - P[a]) / sqrt(b - a), where P is the running
+ * sum of the head-averaged vectors. Plain means favour short chunks, sums
+ * long ones; sqrt(n) sits between. One O(L * D) pass gives every chunk.
+ *
+ * Must agree with dhsa/reference.py: prefix_sums (bit for bit: the same
+ * sequential float64 additions).
+ */
+#include <string.h>
+#include <math.h>
+#include "internal.h"
+
+/* prefix (L + 1, D) from x: nheads heads of (L, D), head_stride floats apart. */
+int dhsa_repr_prefix_sums(double *prefix, const float *x, int64_t L, int64_t D,
+                          int64_t nheads, int64_t head_stride) {
+    if (!prefix || !x || L <= 0 || D <= 0 || nheads <= 0) return DHSA_EINVAL;
+    memset(prefix, 0, (size_t)D * sizeof(double));
+    for (int64_t t = 0; t < L; t++) {
+        double *dst = prefix + (t + 1) * D;
+        const double *prev = prefix + t * D;
+        for (int64_t d = 0; d < D; d++) {
+            double acc = 0.0;
+            for (int64_t h = 0; h < nheads; h++) acc += (double)x[h * head_stride + t * D + d];
+            dst[d] = prev[d] + acc / (double)nheads;
+        }
+    }
+    return DHSA_OK;
+}
+
+/* out (D) = (prefix[b] - prefix[a]) / sqrt(b - a): the representation of [a, b). */
+void dhsa_repr_range(double *out, const double *prefix, int64_t D, int64_t a, int64_t b) {
+    const double norm = sqrt((double)(b - a));
+    for (int64_t d = 0; d < D; d++) out[d] = (prefix[b * D + d] - prefix[a * D + d]) / norm;
+}

@@ -1,0 +1,414 @@
+/*
+ * selection.c - chunk scores, upsampling and budgeted selection.
+ *
+ * For every query block the chunk-level similarity r_q . r_k is computed
+ * against the chunks it can reach (one dgemm per tile of query blocks); the
+ * token-level upsampling is implicit: every key of a chunk piece inherits
+ * its score, so a token-level top-k is "whole pieces best first, the last
+ * one cut" and the result is a short list of key ranges, never an L x L
+ * mask. Pieces are chunks clipped to the block's candidate keys: the allowed
+ * keys minus the always-kept sink and local keys. A clipped piece is scored
+ * with its own representation, so no key past the block's local window
+ * ever influences the block (causality, see chunking.c for the look-ahead).
+ *
+ * Must agree with dhsa/reference.py: select_ranges (same order of
+ * operations, ties broken by position) and count_pairs.
+ */
+#include <math.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "internal.h"
+
+#define QB_TILE 16 /* query blocks per chunk-score dgemm */
+
+typedef struct {
+    int64_t a, b;  /* key range [a, b) */
+    double score;  /* r_q . r_k of the piece */
+    double logm;   /* adaptive: log of the estimated attention mass */
+} piece;
+
+int64_t dhsa_predict_chunk_groups(const dhsa_attn_shape *s, const dhsa_predict_params *p) {
+    return p->granularity == DHSA_GRAN_LAYER ? 1 : s->Hkv;
+}
+
+int64_t dhsa_predict_select_groups(const dhsa_attn_shape *s, const dhsa_predict_params *p) {
+    if (p->granularity == DHSA_GRAN_LAYER) return 1;
+    return p->granularity == DHSA_GRAN_KV_HEAD ? s->Hkv : s->H;
+}
+
+/* chunking group of a selection group */
+static int64_t chunk_group_of(const dhsa_attn_shape *s, const dhsa_predict_params *p, int64_t sg) {
+    if (p->granularity == DHSA_GRAN_LAYER) return 0;
+    return p->granularity == DHSA_GRAN_KV_HEAD ? sg : sg / (s->H / s->Hkv);
+}
+
+static int params_check(const dhsa_attn_shape *s, const dhsa_predict_params *p) {
+    int st = dhsa_attn_shape_check(s);
+    if (st != DHSA_OK) return st;
+    if (!p || p->granularity < 0 || p->granularity > 2 || p->block_size < 1) return DHSA_EINVAL;
+    if (p->sink < 0 || p->local < 0 || p->mode < 0 || p->mode > 2) return DHSA_EINVAL;
+    if (p->mode == DHSA_BUDGET_TOKENS && p->budget < 1) return DHSA_EINVAL;
+    if (p->mode == DHSA_BUDGET_DENSITY && !(p->density > 0.0 && p->density <= 1.0)) return DHSA_EINVAL;
+    if (p->mode == DHSA_BUDGET_ADAPTIVE &&
+        (!(p->mass > 0.0 && p->mass <= 1.0) || p->min_budget < 1 || p->max_budget < p->min_budget))
+        return DHSA_EINVAL;
+    if (p->boundary_window < 1) return DHSA_EINVAL;
+    return DHSA_OK;
+}
+
+/* Geometry of query block qb: queries [i0, i0 + nq) at positions
+ * [spos, epos]; keys the block may see [lo, hi). */
+typedef struct { int64_t i0, nq, spos, epos, lo, hi; } block_geom;
+
+static block_geom geometry(const dhsa_attn_shape *s, int64_t bs, int64_t qb) {
+    block_geom g;
+    g.i0 = qb * bs;
+    g.nq = DHSA_MIN(bs, s->Lq - g.i0);
+    g.spos = s->Lk - s->Lq + g.i0;
+    g.epos = g.spos + g.nq - 1;
+    g.lo = s->window > 0 ? DHSA_MAX(0, g.spos - s->window + 1) : 0;
+    if (s->causal) g.hi = g.epos + 1;
+    else g.hi = s->window > 0 ? DHSA_MIN(s->Lk, g.epos + s->window) : s->Lk;
+    return g;
+}
+
+/* index of the chunk holding key x: bounds[c] <= x < bounds[c + 1] */
+static int64_t chunk_of(const int64_t *bounds, int64_t n, int64_t x) {
+    int64_t lo = 0, hi = n - 1; /* chunks 0 .. n - 2 */
+    while (hi - lo > 1) {
+        int64_t mid = (lo + hi) / 2;
+        if (bounds[mid] <= x) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+int dhsa_predict_boundaries(int64_t *bounds, int64_t *num_bounds, const float *k,
+                            const dhsa_attn_shape *s, const dhsa_predict_params *p,
+                            int num_threads) {
+    int st = params_check(s, p);
+    if (st != DHSA_OK) return st;
+    if (!bounds || !num_bounds || !k || num_threads < 1) return DHSA_EINVAL;
+    const int64_t CG = dhsa_predict_chunk_groups(s, p), n = s->B * CG;
+    const int64_t heads = p->granularity == DHSA_GRAN_LAYER ? s->Hkv : 1;
+    int status = DHSA_OK;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(dhsa_threads_for(num_threads, n))
+    for (int64_t g = 0; g < n; g++) {
+        const int64_t b = g / CG, cg = g % CG;
+        const float *kg = k + (b * s->Hkv + cg * heads) * s->Lk * s->D;
+        double *score = dhsa_alloc((size_t)s->Lk * sizeof(double));
+        int r = score ? dhsa_chunking_boundary_scores(score, kg, s->Lk, s->D, heads,
+                                                      s->Lk * s->D, p->boundary_window)
+                      : DHSA_ENOMEM;
+        if (r == DHSA_OK)
+            r = dhsa_chunking_find_boundaries(bounds + g * (s->Lk + 1), num_bounds + g,
+                                              score, s->Lk, &p->chunking);
+        free(score);
+        if (r != DHSA_OK) {
+#pragma omp atomic write
+            status = r;
+        }
+    }
+    return status;
+}
+
+int dhsa_predict_check_bounds(const int64_t *bounds, const int64_t *num_bounds,
+                              const dhsa_attn_shape *s, const dhsa_predict_params *p) {
+    const int64_t n = s->B * dhsa_predict_chunk_groups(s, p);
+    for (int64_t g = 0; g < n; g++) {
+        const int64_t nb = num_bounds[g];
+        const int64_t *row = bounds + g * (s->Lk + 1);
+        if (nb < 2 || nb > s->Lk + 1 || row[0] != 0 || row[nb - 1] != s->Lk) return DHSA_EINVAL;
+        for (int64_t i = 1; i < nb; i++)
+            if (row[i] <= row[i - 1]) return DHSA_EINVAL;
+    }
+    return DHSA_OK;
+}
+
+int dhsa_predict_capacity(int64_t *capacity, const dhsa_attn_shape *s,
+                          const dhsa_predict_params *p, const int64_t *bounds,
+                          const int64_t *num_bounds) {
+    int st = params_check(s, p);
+    if (st != DHSA_OK) return st;
+    const int64_t SG = dhsa_predict_select_groups(s, p), CG = dhsa_predict_chunk_groups(s, p);
+    const int64_t NQB = (s->Lq + p->block_size - 1) / p->block_size;
+    int64_t total = 0;
+    capacity[0] = 0;
+    for (int64_t b = 0; b < s->B; b++)
+        for (int64_t sg = 0; sg < SG; sg++) {
+            const int64_t cgi = b * CG + chunk_group_of(s, p, sg);
+            const int64_t *bd = bounds + cgi * (s->Lk + 1), nb = num_bounds[cgi];
+            for (int64_t qb = 0; qb < NQB; qb++) {
+                block_geom g = geometry(s, p->block_size, qb);
+                int64_t c = chunk_of(bd, nb, g.hi - 1) - chunk_of(bd, nb, g.lo) + 1;
+                int64_t cap = 4 + DHSA_MIN(c, g.hi - g.lo);
+                if (total > INT64_MAX - cap) return DHSA_EOVERFLOW;
+                total += cap;
+                capacity[(b * SG + sg) * NQB + qb + 1] = total;
+            }
+        }
+    return DHSA_OK;
+}
+
+static int piece_cmp(const void *x, const void *y) {
+    const piece *a = x, *b = y;
+    if (a->score > b->score) return -1;
+    if (a->score < b->score) return 1;
+    return (a->a > b->a) - (a->a < b->a);
+}
+
+static int range_cmp(const void *x, const void *y) {
+    const piece *a = x, *b = y;
+    return (a->a > b->a) - (a->a < b->a);
+}
+
+static double dot(const double *x, const double *y, int64_t n) {
+    double acc = 0.0;
+    for (int64_t i = 0; i < n; i++) acc += x[i] * y[i];
+    return acc;
+}
+
+/* r_q . r_k([a, b)) straight from the key running sums */
+static double piece_score(const double *rq, const double *kprefix, int64_t D, int64_t a,
+                          int64_t b, double *tmp) {
+    dhsa_repr_range(tmp, kprefix, D, a, b);
+    return dot(rq, tmp, D);
+}
+
+/* Selection of one block. rq: (D) block representation; srow: full-chunk
+ * scores (chunks 0 .. reach-1); pieces/sel: scratch of nb + 4. Writes the
+ * merged ranges to starts/ends and returns their number. */
+static int64_t select_block(int32_t *starts, int32_t *ends, const block_geom *g,
+                            const double *rq, const double *srow, const double *kprefix,
+                            const int64_t *bd, int64_t nb, const dhsa_attn_shape *s,
+                            const dhsa_predict_params *p, piece *pieces, piece *sel,
+                            double *tmp) {
+    const int64_t D = s->D, allowed = g->hi - g->lo;
+    const int64_t sink_end = DHSA_MIN(g->lo + p->sink, g->hi);
+    const int64_t loc_a = DHSA_MAX(sink_end, g->spos - p->local);
+    const int64_t loc_b = DHSA_MAX(loc_a, DHSA_MIN(g->hi, g->epos + 1));
+    const int64_t forced = (sink_end - g->lo) + (loc_b - loc_a);
+    int64_t lo_clamp, hi_clamp;
+    if (p->mode == DHSA_BUDGET_ADAPTIVE) {
+        lo_clamp = DHSA_MAX(p->min_budget, forced);
+        hi_clamp = DHSA_MAX(p->max_budget, forced);
+    } else {
+        int64_t bud = p->mode == DHSA_BUDGET_TOKENS ? p->budget
+                                                    : (int64_t)ceil(p->density * (double)allowed);
+        lo_clamp = hi_clamp = DHSA_MAX(bud, forced);
+    }
+    if (allowed <= lo_clamp) { /* not enough keys to be sparse: dense block */
+        starts[0] = (int32_t)g->lo;
+        ends[0] = (int32_t)g->hi;
+        return 1;
+    }
+
+    /* candidate pieces: chunks clipped to [sink_end, loc_a) and [loc_b, hi) */
+    int64_t np = 0;
+    const int64_t cand[2][2] = {{sink_end, loc_a}, {loc_b, g->hi}};
+    for (int iv = 0; iv < 2; iv++) {
+        const int64_t x = cand[iv][0], y = cand[iv][1];
+        if (x >= y) continue;
+        for (int64_t c = chunk_of(bd, nb, x); c < nb - 1 && bd[c] < y; c++) {
+            piece pc;
+            pc.a = DHSA_MAX(x, bd[c]);
+            pc.b = DHSA_MIN(y, bd[c + 1]);
+            pc.score = (pc.a == bd[c] && pc.b == bd[c + 1])
+                           ? srow[c] : piece_score(rq, kprefix, D, pc.a, pc.b, tmp);
+            pc.logm = 0.0;
+            pieces[np++] = pc;
+        }
+    }
+    qsort(pieces, (size_t)np, sizeof(piece), piece_cmp);
+
+    int64_t nsel = 0, tokens = forced;
+    if (sink_end > g->lo) { sel[nsel].a = g->lo; sel[nsel].b = sink_end; nsel++; }
+    if (loc_b > loc_a) { sel[nsel].a = loc_a; sel[nsel].b = loc_b; nsel++; }
+
+    if (p->mode != DHSA_BUDGET_ADAPTIVE) {
+        for (int64_t i = 0; i < np && tokens < hi_clamp; i++) {
+            const int64_t take = DHSA_MIN(pieces[i].b - pieces[i].a, hi_clamp - tokens);
+            sel[nsel].a = pieces[i].a;
+            sel[nsel].b = pieces[i].a + take;
+            nsel++;
+            tokens += take;
+        }
+    } else {
+        /* estimated mass of a piece: n * exp(scale * mean_q . mean_k), with
+         * mean_q . mean_k = score / sqrt(nq * n) */
+        const double nq = (double)g->nq, scale = (double)s->scale;
+        double mmax = -INFINITY, forced_lm[2] = {-INFINITY, -INFINITY};
+        /* the always-kept keys count too, but only those before the block:
+         * a key after a query must never sway that query's selection */
+        const int64_t fa[2] = {g->lo, loc_a};
+        const int64_t fb[2] = {DHSA_MIN(sink_end, g->spos), DHSA_MIN(loc_b, g->spos)};
+        for (int f = 0; f < 2; f++) {
+            if (fb[f] <= fa[f]) continue;
+            const double n = (double)(fb[f] - fa[f]);
+            const double sc = piece_score(rq, kprefix, D, fa[f], fb[f], tmp);
+            forced_lm[f] = log(n) + scale * sc / sqrt(nq * n);
+            mmax = DHSA_MAX(mmax, forced_lm[f]);
+        }
+        for (int64_t i = 0; i < np; i++) {
+            const double n = (double)(pieces[i].b - pieces[i].a);
+            pieces[i].logm = log(n) + scale * pieces[i].score / sqrt(nq * n);
+            mmax = DHSA_MAX(mmax, pieces[i].logm);
+        }
+        double total = 0.0, acc = 0.0;
+        for (int f = 0; f < 2; f++) acc += exp(forced_lm[f] - mmax);
+        total = acc;
+        for (int64_t i = 0; i < np; i++) total += exp(pieces[i].logm - mmax);
+        const double target = p->mass * total;
+        for (int64_t i = 0; i < np; i++) {
+            if (tokens >= hi_clamp) break;
+            const int reached = acc >= target;
+            if (reached && tokens >= lo_clamp) break;
+            const int64_t limit = reached ? lo_clamp : hi_clamp;
+            const int64_t len = pieces[i].b - pieces[i].a;
+            const int64_t take = DHSA_MIN(len, limit - tokens);
+            sel[nsel].a = pieces[i].a;
+            sel[nsel].b = pieces[i].a + take;
+            nsel++;
+            tokens += take;
+            acc += exp(pieces[i].logm - mmax) * (double)take / (double)len;
+        }
+    }
+
+    /* sorted, merged ranges */
+    qsort(sel, (size_t)nsel, sizeof(piece), range_cmp);
+    int64_t nr = 0;
+    for (int64_t i = 0; i < nsel; i++) {
+        if (nr > 0 && sel[i].a <= ends[nr - 1]) {
+            if (sel[i].b > ends[nr - 1]) ends[nr - 1] = (int32_t)sel[i].b;
+        } else {
+            starts[nr] = (int32_t)sel[i].a;
+            ends[nr] = (int32_t)sel[i].b;
+            nr++;
+        }
+    }
+    return nr;
+}
+
+int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
+                        double *chunk_scores, int64_t score_stride,
+                        const int64_t *capacity, const float *q, const float *k,
+                        const dhsa_attn_shape *s, const dhsa_predict_params *p,
+                        const int64_t *bounds, const int64_t *num_bounds, int num_threads) {
+    int st = params_check(s, p);
+    if (st != DHSA_OK) return st;
+    if (!starts || !ends || !counts || !capacity || !q || !k || !bounds || !num_bounds ||
+        num_threads < 1) return DHSA_EINVAL;
+    const int64_t D = s->D, G = s->H / s->Hkv, bs = p->block_size;
+    const int64_t SG = dhsa_predict_select_groups(s, p), CG = dhsa_predict_chunk_groups(s, p);
+    const int64_t NQB = (s->Lq + bs - 1) / bs, ntiles = (NQB + QB_TILE - 1) / QB_TILE;
+    int64_t ncmax = 1;
+    for (int64_t i = 0; i < s->B * CG; i++) ncmax = DHSA_MAX(ncmax, num_bounds[i] - 1);
+    if (chunk_scores && score_stride < ncmax) return DHSA_EINVAL;
+
+    double *qprefix = dhsa_alloc((size_t)((s->Lq + 1) * D) * sizeof(double));
+    double *kprefix = dhsa_alloc((size_t)((s->Lk + 1) * D) * sizeof(double));
+    double *rk = dhsa_alloc((size_t)(ncmax * D) * sizeof(double));
+    if (!qprefix || !kprefix || !rk) { free(qprefix); free(kprefix); free(rk); return DHSA_ENOMEM; }
+    int status = DHSA_OK;
+
+#pragma omp parallel num_threads(dhsa_threads_for(num_threads, ntiles))
+    {
+        double *rq = dhsa_alloc((size_t)(QB_TILE * D) * sizeof(double));
+        double *sc = dhsa_alloc((size_t)(QB_TILE * ncmax) * sizeof(double));
+        double *tmp = dhsa_alloc((size_t)D * sizeof(double));
+        piece *pieces = dhsa_alloc((size_t)(ncmax + 4) * sizeof(piece));
+        piece *sel = dhsa_alloc((size_t)(ncmax + 6) * sizeof(piece));
+        const int ok = rq && sc && tmp && pieces && sel;
+        if (!ok) {
+#pragma omp atomic write
+            status = DHSA_ENOMEM;
+        }
+        int64_t last_cg = -1;
+        for (int64_t grp = 0; grp < s->B * SG; grp++) {
+            const int64_t b = grp / SG, sg = grp % SG;
+            const int64_t cgi = b * CG + chunk_group_of(s, p, sg);
+            const int64_t *bd = bounds + cgi * (s->Lk + 1), nb = num_bounds[cgi];
+#pragma omp single
+            {
+                /* query heads of the group, key heads of its chunking group */
+                int64_t qh0 = 0, nqh = s->H;
+                if (p->granularity == DHSA_GRAN_KV_HEAD) { qh0 = sg * G; nqh = G; }
+                if (p->granularity == DHSA_GRAN_QUERY_HEAD) { qh0 = sg; nqh = 1; }
+                dhsa_repr_prefix_sums(qprefix, q + (b * s->H + qh0) * s->Lq * D, s->Lq, D,
+                                      nqh, s->Lq * D);
+                if (cgi != last_cg) {
+                    const int64_t kh0 = p->granularity == DHSA_GRAN_LAYER ? 0 : cgi % CG;
+                    const int64_t nkh = p->granularity == DHSA_GRAN_LAYER ? s->Hkv : 1;
+                    dhsa_repr_prefix_sums(kprefix, k + (b * s->Hkv + kh0) * s->Lk * D, s->Lk,
+                                          D, nkh, s->Lk * D);
+                    for (int64_t c = 0; c + 1 < nb; c++)
+                        dhsa_repr_range(rk + c * D, kprefix, D, bd[c], bd[c + 1]);
+                }
+            } /* implicit barrier: prefix sums ready for every thread */
+            last_cg = cgi;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t tile = 0; tile < ntiles; tile++) {
+                if (!ok) continue;
+                const int64_t qb0 = tile * QB_TILE, nqb = DHSA_MIN(QB_TILE, NQB - qb0);
+                int64_t reach = 0;
+                for (int64_t i = 0; i < nqb; i++) {
+                    block_geom g = geometry(s, bs, qb0 + i);
+                    dhsa_repr_range(rq + i * D, qprefix, D, g.i0, g.i0 + g.nq);
+                    reach = DHSA_MAX(reach, chunk_of(bd, nb, g.hi - 1) + 1);
+                }
+                dhsa_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nqb, (int)reach, (int)D,
+                           1.0, rq, (int)D, rk, (int)D, 0.0, sc, (int)reach);
+                for (int64_t i = 0; i < nqb; i++) {
+                    const int64_t qb = qb0 + i, idx = grp * NQB + qb;
+                    block_geom g = geometry(s, bs, qb);
+                    counts[idx] = select_block(starts + capacity[idx], ends + capacity[idx], &g,
+                                               rq + i * D, sc + i * reach, kprefix, bd, nb, s, p,
+                                               pieces, sel, tmp);
+                    if (chunk_scores) {
+                        double *dst = chunk_scores + idx * score_stride;
+                        const int64_t r = chunk_of(bd, nb, g.hi - 1) + 1;
+                        for (int64_t c = 0; c < score_stride; c++)
+                            dst[c] = (c < r && bd[c + 1] > g.lo) ? sc[i * reach + c] : NAN;
+                    }
+                }
+            }
+        }
+        free(rq); free(sc); free(tmp); free(pieces); free(sel);
+    }
+    free(qprefix); free(kprefix); free(rk);
+    return status;
+}
+
+int dhsa_selection_count_pairs(int64_t *pairs_selected, int64_t *pairs_allowed,
+                               const dhsa_selection *sel, const dhsa_attn_shape *s) {
+    int st = dhsa_attn_shape_check(s);
+    if (st != DHSA_OK) return st;
+    st = dhsa_selection_check(sel, s);
+    if (st != DHSA_OK) return st;
+    const int64_t NQB = sel->num_blocks, bs = sel->block_size;
+    for (int64_t grp = 0; grp < s->B * sel->num_groups; grp++) {
+        int64_t kept = 0, allowed = 0;
+        for (int64_t qb = 0; qb < NQB; qb++) {
+            const int64_t idx = grp * NQB + qb;
+            block_geom g = geometry(s, bs, qb);
+            for (int64_t pos = g.spos; pos <= g.epos; pos++) {
+                int64_t lo = 0, hi = s->Lk;
+                if (s->causal) hi = pos + 1;
+                if (s->window > 0) {
+                    lo = DHSA_MAX(lo, pos - s->window + 1);
+                    if (!s->causal) hi = DHSA_MIN(hi, pos + s->window);
+                }
+                allowed += hi - lo;
+                for (int64_t r = sel->offsets[idx]; r < sel->offsets[idx + 1]; r++) {
+                    const int64_t a = DHSA_MAX(lo, (int64_t)sel->starts[r]);
+                    const int64_t b = DHSA_MIN(hi, (int64_t)sel->ends[r]);
+                    if (b > a) kept += b - a;
+                }
+            }
+        }
+        pairs_selected[grp] = kept;
+        pairs_allowed[grp] = allowed;
+    }
+    return DHSA_OK;
+}

@@ -1,0 +1,128 @@
+"""DHSAConfig: every knob of the prediction and the sparse kernel, validated."""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["DHSAConfig", "GRANULARITIES", "BUDGET_MODES", "CHUNKINGS"]
+
+GRANULARITIES = ("layer", "kv_head", "query_head")
+BUDGET_MODES = ("tokens", "density", "adaptive")
+CHUNKINGS = ("dynamic", "fixed")
+
+
+def _int(name: str, value, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"DHSAConfig.{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"DHSAConfig.{name} must be >= {minimum}, got {value}")
+
+
+def _float(name: str, value, lo: float, hi: float, lo_open: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"DHSAConfig.{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not (v > lo if lo_open else v >= lo) or not v <= hi:
+        bracket = "(" if lo_open else "["
+        raise ValueError(f"DHSAConfig.{name} must be in {bracket}{lo}, {hi}], got {value}")
+
+
+def _choice(name: str, value, options) -> None:
+    if value not in options:
+        raise ValueError(f"DHSAConfig.{name} must be one of {options}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DHSAConfig:
+    """Configuration of Dynamic Hierarchical Sparse Attention.
+
+    Budget (per query block of ``block_size`` queries), always counting the
+    ``sink`` first keys, the ``local`` keys right before the block and the
+    block's own keys:
+
+    - ``budget_mode="tokens"``: ``budget`` keys per block;
+    - ``budget_mode="density"``: ``density`` x the block's allowed keys;
+    - ``budget_mode="adaptive"``: the fewest best chunks whose estimated
+      attention mass reaches ``mass``, clamped to [min_budget, max_budget].
+
+    Blocks that may see no more keys than their budget run densely.
+
+    Chunking of the keys: ``chunking="dynamic"`` places boundaries where the
+    mean key of the ``boundary_window`` keys after a position departs from
+    the mean of those before it (score = 1 - cosine of the two, centred,
+    >= ``threshold``, a local maximum within ``nms_radius``), with chunks of
+    ``min_chunk`` to ``max_chunk`` keys and at most ``max_chunks`` chunks;
+    ``chunking="fixed"`` cuts every ``chunk_size`` keys.
+
+    ``granularity``: one selection per layer (heads averaged), per KV head
+    (shared by its query heads) or per query head.
+    """
+
+    budget: int = 2048
+    block_size: int = 64
+    sink: int = 64
+    local: int = 256
+    budget_mode: str = "tokens"
+    density: float = 0.125
+    mass: float = 0.95
+    min_budget: int = 512
+    max_budget: int = 4096
+    granularity: str = "kv_head"
+    chunking: str = "dynamic"
+    chunk_size: int = 32
+    boundary_window: int = 16
+    threshold: float = 0.5
+    min_chunk: int = 8
+    max_chunk: int = 64
+    nms_radius: int = 8
+    max_chunks: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _int("budget", self.budget, 1)
+        _int("block_size", self.block_size, 1)
+        if self.block_size > 4096:
+            raise ValueError(f"DHSAConfig.block_size must be <= 4096, got {self.block_size}")
+        _int("sink", self.sink, 0)
+        _int("local", self.local, 0)
+        _choice("budget_mode", self.budget_mode, BUDGET_MODES)
+        _float("density", self.density, 0.0, 1.0)
+        _float("mass", self.mass, 0.0, 1.0)
+        _int("min_budget", self.min_budget, 1)
+        _int("max_budget", self.max_budget, 1)
+        if self.max_budget < self.min_budget:
+            raise ValueError(
+                f"DHSAConfig.max_budget ({self.max_budget}) must be >= min_budget ({self.min_budget})")
+        _choice("granularity", self.granularity, GRANULARITIES)
+        _choice("chunking", self.chunking, CHUNKINGS)
+        _int("chunk_size", self.chunk_size, 1)
+        _int("boundary_window", self.boundary_window, 1)
+        _float("threshold", self.threshold, 0.0, 2.0, lo_open=False)
+        _int("min_chunk", self.min_chunk, 1)
+        _int("max_chunk", self.max_chunk, 1)
+        if self.max_chunk < self.min_chunk:
+            raise ValueError(
+                f"DHSAConfig.max_chunk ({self.max_chunk}) must be >= min_chunk ({self.min_chunk})")
+        _int("nms_radius", self.nms_radius, 0)
+        _int("max_chunks", self.max_chunks, 1, optional=True)
+        fixed = self.sink + self.local + self.block_size
+        if self.budget_mode == "tokens" and self.budget < fixed:
+            raise ValueError(
+                f"DHSAConfig.budget ({self.budget}) must be >= sink + local + block_size ({fixed}): "
+                "those keys are always kept")
+        if self.chunking == "dynamic" and self.local < self.lookahead:
+            raise ValueError(
+                f"DHSAConfig.local ({self.local}) must be >= boundary_window + nms_radius "
+                f"({self.lookahead}) so that no key after a query decides its selection")
+
+    @property
+    def lookahead(self) -> int:
+        """Keys past a position that dynamic chunking reads to place a boundary there."""
+        return self.boundary_window + self.nms_radius
+
+    def replace(self, **changes) -> "DHSAConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
