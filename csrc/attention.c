@@ -15,37 +15,76 @@
  */
 #include <math.h>
 #include <string.h>
+#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 #include "internal.h"
 
-#define TILE_K 256       /* keys per S tile */
-#define TILE_Q_DENSE 64  /* queries per dense work item */
-#define TILE_ROWS 256    /* target rows (heads x queries) per work item */
+/* Tile plan. The S tile (rows x tile_k floats) and the K/V tiles should sit
+ * in L2 together: with >= 1.5 MiB of L2 per core (Sapphire Rapids: 2 MiB)
+ * rows 512 x keys 512 (1 MiB) measured fastest, with 512 KiB (Zen 3) rows
+ * 256 x keys 256. Overridable at build time for tuning. */
+typedef struct {
+    int64_t tile_k;    /* keys per S tile */
+    int64_t tile_q;    /* queries per dense work item */
+    int64_t rows;      /* target rows (heads x queries) per work item */
+} tile_plan;
+
+static tile_plan plan_tiles(void) {
+    tile_plan p = {256, 64, 256};
+    long l2 = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    if (l2 >= 1536L * 1024L) { p.tile_k = 512; p.tile_q = 128; p.rows = 512; }
+#ifdef TILE_K
+    p.tile_k = TILE_K;
+#endif
+#ifdef TILE_Q_DENSE
+    p.tile_q = TILE_Q_DENSE;
+#endif
+#ifdef TILE_ROWS
+    p.rows = TILE_ROWS;
+#endif
+    return p;
+}
 
 typedef struct {
-    int64_t rows_cap, D;
-    float *qt;   /* (rows_cap, D)     scaled queries */
-    float *s;    /* (rows_cap, TILE_K) logits, then probabilities */
+    int64_t rows_cap, D, tile_k;
+    float *qt;   /* (rows_cap, D)      scaled queries */
+    float *s;    /* (rows_cap, tile_k) logits, then probabilities */
     float *o;    /* (rows_cap, D)     unnormalised output */
     float *m;    /* (rows_cap)        running max */
     float *l;    /* (rows_cap)        running sum */
+    float *kg, *vg;  /* (gather_cap, D) gathered keys / values (sparse) */
+    int32_t *kpos;   /* (gather_cap)    their positions */
 } tile_scratch;
 
-static int scratch_init(tile_scratch *w, int64_t rows_cap, int64_t D) {
+static int scratch_init(tile_scratch *w, int64_t rows_cap, int64_t D, int64_t tile_k,
+                        int64_t gather_cap) {
     w->rows_cap = rows_cap;
     w->D = D;
+    w->tile_k = tile_k;
     w->qt = dhsa_alloc((size_t)(rows_cap * D) * sizeof(float));
-    w->s = dhsa_alloc((size_t)(rows_cap * TILE_K) * sizeof(float));
+    w->s = dhsa_alloc((size_t)(rows_cap * tile_k) * sizeof(float));
     w->o = dhsa_alloc((size_t)(rows_cap * D) * sizeof(float));
     w->m = dhsa_alloc((size_t)rows_cap * sizeof(float));
     w->l = dhsa_alloc((size_t)rows_cap * sizeof(float));
+    w->kg = w->vg = NULL;
+    w->kpos = NULL;
+    if (gather_cap > 0) {
+        w->kg = dhsa_alloc((size_t)(gather_cap * D) * sizeof(float));
+        w->vg = dhsa_alloc((size_t)(gather_cap * D) * sizeof(float));
+        w->kpos = dhsa_alloc((size_t)gather_cap * sizeof(int32_t));
+        if (!w->kg || !w->vg || !w->kpos) return DHSA_ENOMEM;
+    }
     return (w->qt && w->s && w->o && w->m && w->l) ? DHSA_OK : DHSA_ENOMEM;
 }
 
 static void scratch_free(tile_scratch *w) {
     free(w->qt); free(w->s); free(w->o); free(w->m); free(w->l);
+    free(w->kg); free(w->vg); free(w->kpos);
 }
 
 int dhsa_attn_shape_check(const dhsa_attn_shape *s) {
@@ -75,10 +114,75 @@ static inline void visible_keys(const dhsa_attn_shape *s, int64_t p, int64_t *lo
     *hi = b;
 }
 
+/* The keys one work item attends to: row i of k / v is the key at position
+ * pos[i] (pos == NULL: at position first + i). Positions rise with i. */
+typedef struct {
+    const float *k, *v;
+    const int32_t *pos;
+    int64_t first, n;
+} key_list;
+
+static inline int64_t key_pos(const key_list *kl, int64_t i) {
+    return kl->pos ? (int64_t)kl->pos[i] : kl->first + i;
+}
+
+/* first index in [a, b) whose position is >= x (b if none) */
+static int64_t key_lower_bound(const key_list *kl, int64_t a, int64_t b, int64_t x) {
+    if (!kl->pos) return DHSA_MIN(b, DHSA_MAX(a, x - kl->first));
+    while (a < b) {
+        const int64_t mid = a + (b - a) / 2;
+        if (kl->pos[mid] < x) a = mid + 1; else b = mid;
+    }
+    return a;
+}
+
+/* Online-softmax pass of R = nh * nq rows (pre-scaled queries in w->qt,
+ * row r is query r % nq at position pos0 + r % nq) over a key list, in tiles
+ * of w->tile_k keys: S = Q K^T and O += P V by sgemm. */
+static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, int64_t R, int64_t nq,
+                        int64_t pos0, const key_list *kl) {
+    const int64_t D = s->D, TK = w->tile_k, pos_last = pos0 + nq - 1;
+    int64_t lo0, hi0, lo1, hi1;
+    visible_keys(s, pos0, &lo0, &hi0);
+    visible_keys(s, pos_last, &lo1, &hi1);
+    for (int64_t t0 = 0; t0 < kl->n; t0 += TK) {
+        const int64_t t1 = DHSA_MIN(kl->n, t0 + TK), nk = t1 - t0;
+        /* mask only tiles that cross the diagonal or a window edge */
+        const int need_mask = key_pos(kl, t0) < lo1 || key_pos(kl, t1 - 1) >= hi0;
+        dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)R, (int)nk, (int)D, 1.0f,
+                   w->qt, (int)D, kl->k + t0 * D, (int)D, 0.0f, w->s, (int)TK);
+        for (int64_t r = 0; r < R; r++) {
+            float *srow = w->s + r * TK;
+            int64_t ja = 0, jb = nk; /* visible columns of this row */
+            if (s->softcap > 0.0f) dhsa_row_softcap(srow, nk, s->softcap);
+            if (need_mask) {
+                int64_t lo, hi;
+                visible_keys(s, pos0 + r % nq, &lo, &hi);
+                ja = key_lower_bound(kl, t0, t1, lo) - t0;
+                jb = key_lower_bound(kl, t0, t1, hi) - t0;
+                if (ja >= jb) { memset(srow, 0, (size_t)nk * sizeof(float)); continue; }
+                for (int64_t j = 0; j < ja; j++) srow[j] = -INFINITY;
+                for (int64_t j = jb; j < nk; j++) srow[j] = -INFINITY;
+            }
+            const float rmax = dhsa_row_max(srow + ja, jb - ja);
+            const float m_new = rmax > w->m[r] ? rmax : w->m[r];
+            const float sum = dhsa_row_exp_sum(srow, nk, m_new);
+            const float alpha = expf(w->m[r] - m_new); /* 0 on the first tile */
+            if (alpha != 1.0f) dhsa_row_scale(w->o + r * D, D, alpha);
+            w->l[r] = w->l[r] * alpha + sum;
+            w->m[r] = m_new;
+        }
+        dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)R, (int)D, (int)nk, 1.0f,
+                   w->s, (int)TK, kl->v + t0 * D, (int)D, 1.0f, w->o, (int)D);
+    }
+}
+
 /* One work item.
  * q (B,H,Lq,D), k/v (B,Hkv,Lk,D), out (B,H,Lq,D); heads [h0, h0+nh) of batch
  * b, all reading KV head kvh, queries [i0, i0+nq), key ranges
- * [starts[r], ends[r]) for r < nranges (sorted). */
+ * [starts[r], ends[r]) for r < nranges (sorted). Several ranges are first
+ * gathered into contiguous scratch (O(keys * D), against O(rows * keys * D)
+ * of compute) so every sgemm sees full tiles, not one chunk at a time. */
 static void attend_item(tile_scratch *w, float *out, const float *q, const float *k,
                         const float *v, const dhsa_attn_shape *s, int64_t b, int64_t h0,
                         int64_t nh, int64_t kvh, int64_t i0, int64_t nq,
@@ -101,44 +205,28 @@ static void attend_item(tile_scratch *w, float *out, const float *q, const float
     visible_keys(s, pos0, &item_lo, &tmp);
     visible_keys(s, pos_last, &tmp, &item_hi);
 
-    for (int64_t rg = 0; rg < nranges; rg++) {
-        int64_t a = DHSA_MAX((int64_t)starts[rg], item_lo);
-        int64_t e = DHSA_MIN((int64_t)ends[rg], item_hi);
-        for (int64_t k0 = a; k0 < e; k0 += TILE_K) {
-            const int64_t k1 = DHSA_MIN(e, k0 + TILE_K), nk = k1 - k0;
-            /* mask only tiles that cross the diagonal or a window edge */
-            int64_t lo0, hi0, lo1, hi1;
-            visible_keys(s, pos0, &lo0, &hi0);
-            visible_keys(s, pos_last, &lo1, &hi1);
-            const int need_mask = k0 < lo1 || k1 > hi0;
-
-            dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)R, (int)nk, (int)D,
-                       1.0f, w->qt, (int)D, kb + k0 * D, (int)D, 0.0f, w->s, TILE_K);
-            for (int64_t r = 0; r < R; r++) {
-                float *srow = w->s + r * TILE_K;
-                int64_t ja = k0, jb = k1;
-                if (s->softcap > 0.0f) dhsa_row_softcap(srow, nk, s->softcap);
-                if (need_mask) {
-                    int64_t lo, hi;
-                    visible_keys(s, pos0 + r % nq, &lo, &hi);
-                    ja = DHSA_MAX(ja, lo);
-                    jb = DHSA_MIN(jb, hi);
-                    if (ja >= jb) { memset(srow, 0, (size_t)nk * sizeof(float)); continue; }
-                    for (int64_t j = k0; j < ja; j++) srow[j - k0] = -INFINITY;
-                    for (int64_t j = jb; j < k1; j++) srow[j - k0] = -INFINITY;
-                }
-                const float rmax = dhsa_row_max(srow + (ja - k0), jb - ja);
-                const float m_new = rmax > w->m[r] ? rmax : w->m[r];
-                const float sum = dhsa_row_exp_sum(srow, nk, m_new);
-                const float alpha = expf(w->m[r] - m_new); /* 0 on the first tile */
-                if (alpha != 1.0f) dhsa_row_scale(w->o + r * D, D, alpha);
-                w->l[r] = w->l[r] * alpha + sum;
-                w->m[r] = m_new;
-            }
-            dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)R, (int)D, (int)nk,
-                       1.0f, w->s, TILE_K, vb + k0 * D, (int)D, 1.0f, w->o, (int)D);
+    key_list kl = {kb, vb, NULL, 0, 0};
+    if (nranges == 1) {
+        kl.first = DHSA_MAX((int64_t)starts[0], item_lo);
+        kl.n = DHSA_MAX(0, DHSA_MIN((int64_t)ends[0], item_hi) - kl.first);
+        kl.k = kb + kl.first * D;
+        kl.v = vb + kl.first * D;
+    } else if (nranges > 1) {
+        int64_t n = 0;
+        for (int64_t rg = 0; rg < nranges; rg++) {
+            const int64_t a = DHSA_MAX((int64_t)starts[rg], item_lo);
+            const int64_t e = DHSA_MIN((int64_t)ends[rg], item_hi);
+            if (e <= a) continue;
+            memcpy(w->kg + n * D, kb + a * D, (size_t)((e - a) * D) * sizeof(float));
+            memcpy(w->vg + n * D, vb + a * D, (size_t)((e - a) * D) * sizeof(float));
+            for (int64_t j = a; j < e; j++) w->kpos[n++] = (int32_t)j;
         }
+        kl.k = w->kg;
+        kl.v = w->vg;
+        kl.pos = w->kpos;
+        kl.n = n;
     }
+    attend_keys(w, s, R, nq, pos0, &kl);
 
     for (int64_t hh = 0; hh < nh; hh++) {
         float *dst = out + ((b * s->H + h0 + hh) * s->Lq + i0) * D;
@@ -152,9 +240,9 @@ static void attend_item(tile_scratch *w, float *out, const float *q, const float
     }
 }
 
-/* Heads per work item: the whole GQA group up to TILE_ROWS rows. */
-static int64_t heads_per_item(int64_t group, int64_t qtile) {
-    int64_t hpi = TILE_ROWS / qtile;
+/* Heads per work item: the whole GQA group up to plan.rows rows. */
+static int64_t heads_per_item(const tile_plan *plan, int64_t group, int64_t qtile) {
+    int64_t hpi = plan->rows / qtile;
     if (hpi < 1) hpi = 1;
     return DHSA_MIN(hpi, group);
 }
@@ -165,16 +253,18 @@ int dhsa_attention_dense(float *out, const float *q, const float *k, const float
     if (st != DHSA_OK) return st;
     if (!out || !q || !k || !v || num_threads < 1) return DHSA_EINVAL;
 
-    const int64_t G = s->H / s->Hkv, BQ = TILE_Q_DENSE;
-    const int64_t hpi = heads_per_item(G, BQ), nsub = (G + hpi - 1) / hpi;
+    const tile_plan plan = plan_tiles();
+    const int64_t G = s->H / s->Hkv, BQ = plan.tile_q;
+    const int64_t hpi = heads_per_item(&plan, G, BQ), nsub = (G + hpi - 1) / hpi;
     const int64_t nqt = (s->Lq + BQ - 1) / BQ;
     const int64_t per_tile = s->B * s->Hkv * nsub, items = per_tile * nqt;
+    const int64_t gather_cap = 0; /* one range per item: nothing to gather */
     int status = DHSA_OK;
 
 #pragma omp parallel num_threads(dhsa_threads_for(num_threads, items))
     {
         tile_scratch w;
-        int ok = scratch_init(&w, hpi * BQ, s->D) == DHSA_OK;
+        int ok = scratch_init(&w, hpi * BQ, s->D, plan.tile_k, gather_cap) == DHSA_OK;
         if (!ok) {
 #pragma omp atomic write
             status = DHSA_ENOMEM;
@@ -228,17 +318,27 @@ int dhsa_attention_sparse(float *out, const float *q, const float *k, const floa
     st = dhsa_selection_check(sel, s);
     if (st != DHSA_OK) return st;
 
+    const tile_plan plan = plan_tiles();
     const int64_t G = s->H / s->Hkv, BQ = sel->block_size, SG = sel->num_groups;
     /* heads that share a selection and a KV head go into one item */
-    const int64_t hpi = SG == s->H ? 1 : heads_per_item(G, BQ);
+    const int64_t hpi = SG == s->H ? 1 : heads_per_item(&plan, G, BQ);
     const int64_t nsub = (G + hpi - 1) / hpi, nqt = sel->num_blocks;
     const int64_t per_tile = s->B * s->Hkv * nsub, items = per_tile * nqt;
     int status = DHSA_OK;
+    /* gather scratch: the most keys any multi-range block selects */
+    int64_t gather_cap = 0;
+    for (int64_t i = 0; i < s->B * SG * nqt; i++) {
+        if (sel->offsets[i + 1] - sel->offsets[i] < 2) continue;
+        int64_t n = 0;
+        for (int64_t r = sel->offsets[i]; r < sel->offsets[i + 1]; r++)
+            n += (int64_t)sel->ends[r] - sel->starts[r];
+        gather_cap = DHSA_MAX(gather_cap, n);
+    }
 
 #pragma omp parallel num_threads(dhsa_threads_for(num_threads, items))
     {
         tile_scratch w;
-        int ok = scratch_init(&w, hpi * BQ, s->D) == DHSA_OK;
+        int ok = scratch_init(&w, hpi * BQ, s->D, plan.tile_k, gather_cap) == DHSA_OK;
         if (!ok) {
 #pragma omp atomic write
             status = DHSA_ENOMEM;

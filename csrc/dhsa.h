@@ -48,10 +48,12 @@ const char *dhsa_status_string(int status);
 
 /* 1 when the AVX2/FMA kernels were compiled in and this CPU runs them. */
 int dhsa_simd_available(void);
-/* Name of the path in use now: "avx2-fma" or "scalar". */
+/* Name of the path in use now: "avx512f", "avx2-fma" or "scalar". */
 const char *dhsa_simd_path(void);
 /* Force the plain scalar twins (1) or allow the vectorised ones (0). */
 void dhsa_simd_force_scalar(int force);
+/* Allow (1, default) or forbid (0) the AVX-512 kernels where the CPU has them. */
+void dhsa_simd_allow_avx512(int allow);
 /* Number of cores the OpenMP runtime would use by default. */
 int dhsa_max_threads(void);
 /* BLAS identification: configuration string and core name. */

@@ -679,6 +679,14 @@ static PyObject *py_force_scalar(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_allow_avx512(PyObject *self, PyObject *arg) {
+    int v = PyObject_IsTrue(arg);
+    (void)self;
+    if (v < 0) return NULL;
+    dhsa_simd_allow_avx512(v);
+    Py_RETURN_NONE;
+}
+
 static double now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -739,6 +747,7 @@ static PyMethodDef methods[] = {
      "Query-key pairs kept by a selection and allowed by the masks."},
     {"build_info", py_build_info, METH_NOARGS, "Build and run-time information."},
     {"force_scalar", py_force_scalar, METH_O, "Route every kernel to its scalar twin."},
+    {"allow_avx512", py_allow_avx512, METH_O, "Allow the AVX-512 kernels where available."},
     {"sgemm_rate", py_sgemm_rate, METH_VARARGS, "Measured OpenBLAS sgemm GFLOP/s."},
     {NULL, NULL, 0, NULL},
 };

@@ -158,6 +158,29 @@ static int piece_cmp(const void *x, const void *y) {
     return (a->a > b->a) - (a->a < b->a);
 }
 
+/* max-heap of pieces under piece_cmp (best score, then earliest start) */
+static void sift_down(piece *h, int64_t n, int64_t i) {
+    for (;;) {
+        int64_t best = i, l = 2 * i + 1, r = l + 1;
+        if (l < n && piece_cmp(&h[l], &h[best]) < 0) best = l;
+        if (r < n && piece_cmp(&h[r], &h[best]) < 0) best = r;
+        if (best == i) return;
+        piece t = h[i]; h[i] = h[best]; h[best] = t;
+        i = best;
+    }
+}
+
+static void heapify(piece *h, int64_t n) {
+    for (int64_t i = n / 2 - 1; i >= 0; i--) sift_down(h, n, i);
+}
+
+static piece heap_pop(piece *h, int64_t *n) {
+    piece top = h[0];
+    h[0] = h[--(*n)];
+    sift_down(h, *n, 0);
+    return top;
+}
+
 static int range_cmp(const void *x, const void *y) {
     const piece *a = x, *b = y;
     return (a->a > b->a) - (a->a < b->a);
@@ -220,17 +243,21 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const block_geom *g,
             pieces[np++] = pc;
         }
     }
-    qsort(pieces, (size_t)np, sizeof(piece), piece_cmp);
+    /* best pieces first: a heap pops only as many as the budget takes
+     * (O(n + k log n) instead of sorting all n) */
+    heapify(pieces, np);
+    int64_t heap_n = np;
 
     int64_t nsel = 0, tokens = forced;
     if (sink_end > g->lo) { sel[nsel].a = g->lo; sel[nsel].b = sink_end; nsel++; }
     if (loc_b > loc_a) { sel[nsel].a = loc_a; sel[nsel].b = loc_b; nsel++; }
 
     if (p->mode != DHSA_BUDGET_ADAPTIVE) {
-        for (int64_t i = 0; i < np && tokens < hi_clamp; i++) {
-            const int64_t take = DHSA_MIN(pieces[i].b - pieces[i].a, hi_clamp - tokens);
-            sel[nsel].a = pieces[i].a;
-            sel[nsel].b = pieces[i].a + take;
+        while (heap_n > 0 && tokens < hi_clamp) {
+            const piece pc = heap_pop(pieces, &heap_n);
+            const int64_t take = DHSA_MIN(pc.b - pc.a, hi_clamp - tokens);
+            sel[nsel].a = pc.a;
+            sel[nsel].b = pc.a + take;
             nsel++;
             tokens += take;
         }
@@ -260,18 +287,19 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const block_geom *g,
         total = acc;
         for (int64_t i = 0; i < np; i++) total += exp(pieces[i].logm - mmax);
         const double target = p->mass * total;
-        for (int64_t i = 0; i < np; i++) {
+        while (heap_n > 0) {
             if (tokens >= hi_clamp) break;
             const int reached = acc >= target;
             if (reached && tokens >= lo_clamp) break;
+            const piece pc = heap_pop(pieces, &heap_n);
             const int64_t limit = reached ? lo_clamp : hi_clamp;
-            const int64_t len = pieces[i].b - pieces[i].a;
+            const int64_t len = pc.b - pc.a;
             const int64_t take = DHSA_MIN(len, limit - tokens);
-            sel[nsel].a = pieces[i].a;
-            sel[nsel].b = pieces[i].a + take;
+            sel[nsel].a = pc.a;
+            sel[nsel].b = pc.a + take;
             nsel++;
             tokens += take;
-            acc += exp(pieces[i].logm - mmax) * (double)take / (double)len;
+            acc += exp(pc.logm - mmax) * (double)take / (double)len;
         }
     }
 

@@ -7,6 +7,10 @@
  * routes every call to the twins so both paths can be compared in one build
  * (tests/test_simd.py). Reference: numpy's exp / tanh in dhsa/reference.py.
  *
+ * Vector paths: AVX2/FMA (8 lanes, the baseline) and AVX-512F (16 lanes,
+ * picked at run time when the CPU has it; dhsa_simd_allow_avx512(0) pins
+ * AVX2 so both vector paths can be tested on one machine).
+ *
  * The vector exp uses the usual range reduction x = n ln2 + r, |r| <= ln2/2,
  * a degree-6 polynomial for e^r and 2^n built in the exponent bits; inputs
  * below -87.3 (including -inf from masks) give exactly 0.
@@ -24,12 +28,14 @@
 static int g_force_scalar = 0;
 static int g_cpu_checked = 0;
 static int g_cpu_avx2 = 0;
+static int g_cpu_avx512 = 0;
 
 int dhsa_simd_available(void) {
 #if DHSA_HAVE_AVX2_BUILD
     if (!g_cpu_checked) {
         __builtin_cpu_init();
         g_cpu_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        g_cpu_avx512 = g_cpu_avx2 && __builtin_cpu_supports("avx512f");
         g_cpu_checked = 1;
     }
     return g_cpu_avx2;
@@ -40,9 +46,17 @@ int dhsa_simd_available(void) {
 
 void dhsa_simd_force_scalar(int force) { g_force_scalar = force ? 1 : 0; }
 
-static inline int use_simd(void) { return !g_force_scalar && dhsa_simd_available(); }
+static int g_allow_avx512 = 1;
 
-const char *dhsa_simd_path(void) { return use_simd() ? "avx2-fma" : "scalar"; }
+void dhsa_simd_allow_avx512(int allow) { g_allow_avx512 = allow ? 1 : 0; }
+
+static inline int use_simd(void) { return !g_force_scalar && dhsa_simd_available(); }
+static inline int use_avx512(void) { return use_simd() && g_cpu_avx512 && g_allow_avx512; }
+
+const char *dhsa_simd_path(void) {
+    if (use_avx512()) return "avx512f";
+    return use_simd() ? "avx2-fma" : "scalar";
+}
 
 /* ---- scalar twins ------------------------------------------------------ */
 
@@ -172,12 +186,70 @@ AVX2 static void row_scale_avx2(float *x, int64_t n, float a) {
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), va));
     for (; i < n; i++) x[i] *= a;
 }
+
+/* ---- AVX-512F (same algorithms, 16 lanes; used when the CPU has it) ---- */
+#define AVX512 __attribute__((target("avx512f")))
+
+AVX512 static inline __m512 exp512(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.33654f);
+    __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ); /* false for -inf */
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.37626f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
+}
+
+AVX512 static float row_max_avx512(const float *x, int64_t n) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+    if (i < n) {
+        __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
+        m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, x + i));
+    }
+    return _mm512_reduce_max_ps(m);
+}
+
+AVX512 static float row_exp_sum_avx512(float *x, int64_t n, float m) {
+    __m512 vm = _mm512_set1_ps(m), acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm));
+        _mm512_storeu_ps(x + i, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    if (i < n) {
+        __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, x + i), vm));
+        e = _mm512_maskz_mov_ps(k, e);
+        _mm512_mask_storeu_ps(x + i, k, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+AVX512 static void row_scale_avx512(float *x, int64_t n, float a) {
+    __m512 va = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), va));
+    for (; i < n; i++) x[i] *= a;
+}
 #endif /* DHSA_HAVE_AVX2_BUILD */
 
 /* ---- dispatch ---------------------------------------------------------- */
 
 float dhsa_row_max(const float *x, int64_t n) {
 #if DHSA_HAVE_AVX2_BUILD
+    if (use_avx512()) return row_max_avx512(x, n);
     if (use_simd()) return row_max_avx2(x, n);
 #endif
     return dhsa_row_max_scalar(x, n);
@@ -185,6 +257,7 @@ float dhsa_row_max(const float *x, int64_t n) {
 
 float dhsa_row_exp_sum(float *x, int64_t n, float m) {
 #if DHSA_HAVE_AVX2_BUILD
+    if (use_avx512()) return row_exp_sum_avx512(x, n, m);
     if (use_simd()) return row_exp_sum_avx2(x, n, m);
 #endif
     return dhsa_row_exp_sum_scalar(x, n, m);
@@ -199,6 +272,7 @@ void dhsa_row_softcap(float *x, int64_t n, float cap) {
 
 void dhsa_row_scale(float *x, int64_t n, float a) {
 #if DHSA_HAVE_AVX2_BUILD
+    if (use_avx512()) { row_scale_avx512(x, n, a); return; }
     if (use_simd()) { row_scale_avx2(x, n, a); return; }
 #endif
     dhsa_row_scale_scalar(x, n, a);

@@ -75,10 +75,10 @@ class DHSAConfig:
     chunking: str = "dynamic"
     chunk_size: int = 32
     boundary_window: int = 16
-    threshold: float = 0.5
-    min_chunk: int = 8
-    max_chunk: int = 64
-    nms_radius: int = 8
+    threshold: float = 0.2
+    min_chunk: int = 4
+    max_chunk: int = 16
+    nms_radius: int = 4
     max_chunks: Optional[int] = None
 
     def __post_init__(self) -> None:

@@ -280,8 +280,8 @@ def predict(q, k, *, block_size: int = 64, sink: int = 64, local: int = 256,
             mode: str = "tokens", budget: int = 2048, density: float = 0.125,
             mass: float = 0.95, min_budget: int = 512, max_budget: int = 4096,
             granularity: str = "kv_head", boundary_window: int = 16,
-            threshold: float = 1.0, min_len: int = 8, max_len: int = 64,
-            nms_radius: int = 8, max_chunks: int = 0, bounds=None,
+            threshold: float = 0.2, min_len: int = 4, max_len: int = 16,
+            nms_radius: int = 4, max_chunks: int = 0, bounds=None,
             causal: bool = True, scale: Optional[float] = None,
             window: Optional[int] = None) -> dict:
     """The whole DHSA prediction in float64 (mirrors dhsa_predict_* in C).

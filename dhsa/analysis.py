@@ -1,0 +1,124 @@
+"""How good is a selection? Attention-mass recall and output error vs dense.
+
+Works on NumPy tensors (q (B, H, Lq, D), k/v (B, Hkv, Lk, D)) and on any
+:class:`dhsa.Selection`, so DHSA and every baseline are measured the same
+way. ``capture_qkv`` pulls real post-RoPE Q/K/V out of a transformers model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Optional, Tuple
+
+import numpy as np
+
+from .api import Selection, dense_attention, sparse_attention
+
+__all__ = ["attention_recall", "output_error", "capture_qkv"]
+
+
+def _group_of_head(sel: Selection, H: int, h: int) -> int:
+    if sel.groups == 1:
+        return 0
+    if sel.groups == H:
+        return h
+    return h // (H // sel.groups)
+
+
+def attention_recall(q: np.ndarray, k: np.ndarray, selection: Selection, *,
+                     causal: bool = True, scale: Optional[float] = None,
+                     softcap: Optional[float] = None,
+                     window: Optional[int] = None) -> np.ndarray:
+    """(B, H) mean over queries of the dense softmax mass the selection keeps.
+
+    1.0 means the selection holds every key that dense attention weights;
+    computed block by block in float64, so memory is O(block x Lk).
+    """
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    bs = selection.block_size
+    out = np.zeros((B, H))
+    for qb in range(selection.num_blocks):
+        r0, r1 = qb * bs, min(Lq, (qb + 1) * bs)
+        vis = _rows_visible(Lq, Lk, r0, r1, causal, window)
+        for b in range(B):
+            for h in range(H):
+                logits = q[b, h, r0:r1] @ k[b, h // G].T * scale
+                if softcap is not None:
+                    logits = softcap * np.tanh(logits / softcap)
+                logits = np.where(vis, logits, -np.inf)
+                logits -= logits.max(axis=1, keepdims=True)
+                p = np.exp(logits)
+                p /= p.sum(axis=1, keepdims=True)
+                keep = np.zeros(Lk, dtype=bool)
+                for a, e in selection.ranges(b, _group_of_head(selection, H, h), qb):
+                    keep[a:e] = True
+                out[b, h] += p[:, keep].sum()
+    return out / Lq
+
+
+def _rows_visible(Lq, Lk, r0, r1, causal, window):
+    p = np.arange(Lk - Lq + r0, Lk - Lq + r1)[:, None]
+    j = np.arange(Lk)[None, :]
+    m = np.ones((r1 - r0, Lk), dtype=bool)
+    if causal:
+        m &= j <= p
+    if window is not None:
+        m &= j > p - window
+        if not causal:
+            m &= j < p + window
+    return m
+
+
+def output_error(q: np.ndarray, k: np.ndarray, v: np.ndarray, selection: Selection, *,
+                 causal: bool = True, scale: Optional[float] = None,
+                 softcap: Optional[float] = None, window: Optional[int] = None,
+                 num_threads: Optional[int] = None) -> np.ndarray:
+    """(B, H) relative error ||sparse - dense|| / ||dense|| of the outputs."""
+    kw = dict(causal=causal, scale=scale, softcap=softcap, window=window,
+              num_threads=num_threads)
+    dense = dense_attention(q, k, v, **kw).astype(np.float64)
+    sparse = sparse_attention(q, k, v, selection=selection, **kw).astype(np.float64)
+    num = np.sqrt(((sparse - dense) ** 2).sum(axis=(2, 3)))
+    den = np.sqrt((dense ** 2).sum(axis=(2, 3)))
+    return num / np.maximum(den, 1e-30)
+
+
+def capture_qkv(model, input_ids, layers: Optional[Iterable[int]] = None
+                ) -> Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray, dict]]:
+    """Run ``model`` on ``input_ids`` and return {layer: (q, k, v, kwargs)}.
+
+    q (B, H, L, D) and k, v (B, Hkv, L, D) are float32 NumPy copies of what
+    each attention layer receives (after RoPE); kwargs holds the scaling,
+    softcap and sliding window the layer was called with. Needs torch and
+    transformers; the model's attention implementation is restored after.
+    """
+    import torch
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    wanted = None if layers is None else set(layers)
+    captured: Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray, dict]] = {}
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        idx = getattr(module, "layer_idx", len(captured))
+        if wanted is None or idx in wanted:
+            info = {"scaling": kwargs.get("scaling"), "softcap": kwargs.get("softcap"),
+                    "sliding_window": kwargs.get("sliding_window")}
+            captured[idx] = tuple(t.detach().to(torch.float32).cpu().numpy().copy()
+                                  for t in (query, key, value)) + (info,)
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("dhsa_capture", capture)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("dhsa_capture")
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        model.set_attn_implementation(previous)
+    return captured
