@@ -46,7 +46,8 @@ const char *dhsa_status_string(int status);
 
 /* ---- build information and run-time switches (status.c, simd.c) ------- */
 
-/* 1 when the AVX2/FMA kernels were compiled in and this CPU runs them. */
+/* 1 when the vector kernels (AVX2/FMA, plus AVX-512F where the CPU has it)
+ * were compiled in and this CPU runs them. */
 int dhsa_simd_available(void);
 /* Name of the path in use now: "avx512f", "avx2-fma" or "scalar". */
 const char *dhsa_simd_path(void);

@@ -222,17 +222,23 @@ static int attn_args_parse(attn_args *a, PyObject *q, PyObject *k, PyObject *v, 
 
     double sc = 1.0 / sqrt((double)qs[3]), cap = 0.0;
     int64_t win = 0;
+    /* both become float32 in the core: keep them where float32 holds them
+     * with room to spare, so no value silently turns into 0 or inf */
     if (parse_float_opt(scale, "scale", &sc, &given) < 0) return -1;
-    if (!(sc > 0.0) || sc > 3.0e38) {
-        PyErr_Format(PyExc_ValueError, "scale must be > 0, got %R", scale);
+    if (!(sc >= 1e-30 && sc <= 1e30)) {
+        PyErr_Format(PyExc_ValueError, "scale must be in [1e-30, 1e30], got %R", scale);
         return -1;
     }
     if (parse_float_opt(softcap, "softcap", &cap, &given) < 0) return -1;
-    if (given && !(cap > 0.0)) {
-        PyErr_Format(PyExc_ValueError, "softcap must be > 0 or None, got %R", softcap);
+    if (given && !(cap >= 1e-30 && cap <= 1e30)) {
+        PyErr_Format(PyExc_ValueError, "softcap must be in [1e-30, 1e30] or None, got %R",
+                     softcap);
         return -1;
     }
     if (parse_int_opt(window, "window", 1, &win, &given) < 0) return -1;
+    /* a window of Lk keys or more hides nothing: clamp so that position
+     * arithmetic in the core cannot overflow */
+    if (win > ks[2]) win = ks[2];
     if (parse_threads(threads, &a->num_threads) < 0) return -1;
     a->shape.scale = (float)sc;
     a->shape.softcap = (float)cap;
@@ -330,6 +336,7 @@ static int sel_args_parse(sel_args *s, PyObject *offsets, PyObject *starts, PyOb
         PyErr_SetString(PyExc_TypeError, "block_size is required");
         return -1;
     }
+    if (bs > shape->Lq) bs = shape->Lq; /* one block either way; no overflow below */
     /* range values are checked against [0, Lk) before the narrowing copy */
     PyArrayObject *raw_st = NULL, *raw_en = NULL;
     if (!(s->offsets = as_index_array(offsets, "offsets", NPY_INT64))) return -1;
@@ -546,6 +553,22 @@ static PyObject *py_predict(PyObject *self, PyObject *args, PyObject *kwargs) {
     if (p.max_budget < p.min_budget) { PyErr_SetString(PyExc_ValueError, "max_budget must be >= min_budget"); goto done; }
     if (p.chunking.max_len < p.chunking.min_len) { PyErr_SetString(PyExc_ValueError, "max_len must be >= min_len"); goto done; }
 
+    /* Values past the sequence length mean the same as the length itself;
+     * clamping keeps every position sum in the core far from overflow. */
+    {
+        const int64_t Lk = a.shape.Lk, Lq = a.shape.Lq;
+        p.block_size = DHSA_MIN(p.block_size, Lq);
+        p.sink = DHSA_MIN(p.sink, Lk);
+        p.local = DHSA_MIN(p.local, Lk);
+        p.budget = DHSA_MIN(p.budget, Lk);
+        p.min_budget = DHSA_MIN(p.min_budget, Lk);
+        p.max_budget = DHSA_MIN(p.max_budget, Lk);
+        p.boundary_window = DHSA_MIN(p.boundary_window, Lk);
+        p.chunking.min_len = DHSA_MIN(p.chunking.min_len, Lk);
+        p.chunking.max_len = DHSA_MIN(p.chunking.max_len, Lk);
+        p.chunking.nms_radius = DHSA_MIN(p.chunking.nms_radius, Lk);
+        p.chunking.max_chunks = DHSA_MIN(p.chunking.max_chunks, Lk);
+    }
     const dhsa_attn_shape *s = &a.shape;
     const int64_t CG = dhsa_predict_chunk_groups(s, &p), SG = dhsa_predict_select_groups(s, &p);
     const int64_t NQB = (s->Lq + p.block_size - 1) / p.block_size;
