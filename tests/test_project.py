@@ -1,0 +1,32 @@
+"""The project's own promises: CI runs the README's test command; metadata."""
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _ci_command():
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    marker = [i for i, l in enumerate(lines) if "--- the README's test command" in l]
+    assert marker, ".ci/run lost its README test-command marker"
+    return lines[marker[0] + 1].strip()
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    assert _ci_command() in [b.strip() for b in blocks]
+
+
+def test_readme_has_two_setup_commands():
+    readme = (ROOT / "README.md").read_text()
+    setup = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    cmds = re.findall(r"```bash\n(.*?)\n```", setup, flags=re.S)
+    assert len(cmds) == 2
+    assert "python -m dhsa demo" in cmds[0]
+    assert cmds[1].strip() == _ci_command()
+
+
+def test_license_is_permissive_and_declared():
+    assert "MIT License" in (ROOT / "LICENSE").read_text()
+    assert 'license = {text = "MIT"}' in (ROOT / "pyproject.toml").read_text()
