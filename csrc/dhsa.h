@@ -139,9 +139,12 @@ int dhsa_chunking_find_boundaries(int64_t *bounds, int64_t *num_bounds,
 int dhsa_repr_prefix_sums(double *prefix, const float *x, int64_t L,
                           int64_t D, int64_t nheads, int64_t head_stride);
 
-/* out (D) = (prefix[b] - prefix[a]) / sqrt(b - a) = mean of [a, b) * sqrt(n). */
+/* out (D) = (prefix[b] - prefix[a]) / n ** power, n = b - a: with power 0.5
+ * the DHSA representation mean * sqrt(n); 1 gives the mean, 0 the sum. */
 void dhsa_repr_range(double *out, const double *prefix, int64_t D, int64_t a,
-                     int64_t b);
+                     int64_t b, double power);
+/* n ** power (sqrt, n and 1 exactly for 0.5, 1 and 0) */
+double dhsa_repr_norm(int64_t n, double power);
 
 /* ---- scores and selection (selection.c) -------------------------------- */
 
@@ -169,6 +172,7 @@ typedef struct {
     int64_t min_budget;       /* adaptive: lower clamp */
     int64_t max_budget;       /* adaptive: upper clamp */
     int64_t boundary_window;  /* chunking: keys each side of a candidate */
+    double key_norm;          /* key chunk r = sum / n ** key_norm (DHSA: 0.5) */
     dhsa_chunking_params chunking;
 } dhsa_predict_params;
 

@@ -505,12 +505,14 @@ static PyObject *py_predict(PyObject *self, PyObject *args, PyObject *kwargs) {
                              "block_size", "sink", "local", "mode", "budget", "density",
                              "mass", "min_budget", "max_budget", "boundary_window",
                              "threshold", "min_len", "max_len", "nms_radius", "max_chunks",
-                             "bounds", "num_bounds", "return_scores", "num_threads", NULL};
+                             "bounds", "num_bounds", "return_scores", "num_threads", "key_norm",
+                             NULL};
     PyObject *q, *k, *scale = Py_None, *window = Py_None, *gran = NULL, *bsize = NULL,
              *sink = NULL, *local = NULL, *mode = NULL, *budget = NULL, *density = NULL,
              *mass = NULL, *minb = NULL, *maxb = NULL, *bwin = NULL, *thr = NULL, *minl = NULL,
              *maxl = NULL, *nms = NULL, *maxc = NULL,
-             *bounds_in = Py_None, *nbounds_in = Py_None, *threads = Py_None, *result = NULL;
+             *bounds_in = Py_None, *nbounds_in = Py_None, *threads = Py_None, *knorm = Py_None,
+             *result = NULL;
     int causal = 1, return_scores = 0, st = DHSA_OK;
     attn_args a;
     dhsa_predict_params p;
@@ -521,9 +523,10 @@ static PyObject *py_predict(PyObject *self, PyObject *args, PyObject *kwargs) {
     memset(&a, 0, sizeof(a));
     memset(&p, 0, sizeof(p));
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OO|$pOOOOOOOOOOOOOOOOOOOOpO", kwlist, &q, &k, &causal, &scale, &window,
+            args, kwargs, "OO|$pOOOOOOOOOOOOOOOOOOOOpOO", kwlist, &q, &k, &causal, &scale, &window,
             &gran, &bsize, &sink, &local, &mode, &budget, &density, &mass, &minb, &maxb, &bwin,
-            &thr, &minl, &maxl, &nms, &maxc, &bounds_in, &nbounds_in, &return_scores, &threads))
+            &thr, &minl, &maxl, &nms, &maxc, &bounds_in, &nbounds_in, &return_scores, &threads,
+            &knorm))
         return NULL;
     if (attn_args_parse(&a, q, k, NULL, causal, scale, Py_None, window, threads, 0) < 0)
         goto done;
@@ -546,6 +549,15 @@ static PyObject *py_predict(PyObject *self, PyObject *args, PyObject *kwargs) {
         parse_required_int(nms, "nms_radius", 0, &p.chunking.nms_radius) < 0 ||
         parse_required_int(maxc, "max_chunks", 0, &p.chunking.max_chunks) < 0)
         goto done;
+    {
+        int given = 0;
+        p.key_norm = 0.5;
+        if (parse_float_opt(knorm, "key_norm", &p.key_norm, &given) < 0) goto done;
+        if (!(p.key_norm >= 0.0 && p.key_norm <= 1.0)) {
+            PyErr_SetString(PyExc_ValueError, "key_norm must be in [0, 1]");
+            goto done;
+        }
+    }
     if (p.granularity > 2) { PyErr_SetString(PyExc_ValueError, "granularity must be 0, 1 or 2"); goto done; }
     if (p.mode > 2) { PyErr_SetString(PyExc_ValueError, "mode must be 0, 1 or 2"); goto done; }
     if (!(p.density > 0.0 && p.density <= 1.0)) { PyErr_SetString(PyExc_ValueError, "density must be in (0, 1]"); goto done; }

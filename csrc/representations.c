@@ -31,8 +31,18 @@ int dhsa_repr_prefix_sums(double *prefix, const float *x, int64_t L, int64_t D,
     return DHSA_OK;
 }
 
-/* out (D) = (prefix[b] - prefix[a]) / sqrt(b - a): the representation of [a, b). */
-void dhsa_repr_range(double *out, const double *prefix, int64_t D, int64_t a, int64_t b) {
-    const double norm = sqrt((double)(b - a));
+/* n ** power, with sqrt for the DHSA default so the reference matches bit for bit */
+double dhsa_repr_norm(int64_t n, double power) {
+    if (power == 0.5) return sqrt((double)n);
+    if (power == 1.0) return (double)n;
+    if (power == 0.0) return 1.0;
+    return pow((double)n, power);
+}
+
+/* out (D) = (prefix[b] - prefix[a]) / (b - a) ** power: the representation of
+ * [a, b); power 0.5 is DHSA's mean * sqrt(n), 1 the plain mean, 0 the sum. */
+void dhsa_repr_range(double *out, const double *prefix, int64_t D, int64_t a, int64_t b,
+                     double power) {
+    const double norm = dhsa_repr_norm(b - a, power);
     for (int64_t d = 0; d < D; d++) out[d] = (prefix[b * D + d] - prefix[a * D + d]) / norm;
 }

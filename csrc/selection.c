@@ -55,6 +55,7 @@ static int params_check(const dhsa_attn_shape *s, const dhsa_predict_params *p) 
         (!(p->mass > 0.0 && p->mass <= 1.0) || p->min_budget < 1 || p->max_budget < p->min_budget))
         return DHSA_EINVAL;
     if (p->boundary_window < 1) return DHSA_EINVAL;
+    if (!(p->key_norm >= 0.0 && p->key_norm <= 1.0)) return DHSA_EINVAL;
     return DHSA_OK;
 }
 
@@ -194,8 +195,8 @@ static double dot(const double *x, const double *y, int64_t n) {
 
 /* r_q . r_k([a, b)) straight from the key running sums */
 static double piece_score(const double *rq, const double *kprefix, int64_t D, int64_t a,
-                          int64_t b, double *tmp) {
-    dhsa_repr_range(tmp, kprefix, D, a, b);
+                          int64_t b, double power, double *tmp) {
+    dhsa_repr_range(tmp, kprefix, D, a, b, power);
     return dot(rq, tmp, D);
 }
 
@@ -238,7 +239,7 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const block_geom *g,
             pc.a = DHSA_MAX(x, bd[c]);
             pc.b = DHSA_MIN(y, bd[c + 1]);
             pc.score = (pc.a == bd[c] && pc.b == bd[c + 1])
-                           ? srow[c] : piece_score(rq, kprefix, D, pc.a, pc.b, tmp);
+                           ? srow[c] : piece_score(rq, kprefix, D, pc.a, pc.b, p->key_norm, tmp);
             pc.logm = 0.0;
             pieces[np++] = pc;
         }
@@ -263,7 +264,7 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const block_geom *g,
         }
     } else {
         /* estimated mass of a piece: n * exp(scale * mean_q . mean_k), with
-         * mean_q . mean_k = score / sqrt(nq * n) */
+         * mean_q . mean_k = score / (sqrt(nq) * n ** (1 - key_norm)) */
         const double nq = (double)g->nq, scale = (double)s->scale;
         double mmax = -INFINITY, forced_lm[2] = {-INFINITY, -INFINITY};
         /* the always-kept keys count too, but only those before the block:
@@ -273,13 +274,14 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const block_geom *g,
         for (int f = 0; f < 2; f++) {
             if (fb[f] <= fa[f]) continue;
             const double n = (double)(fb[f] - fa[f]);
-            const double sc = piece_score(rq, kprefix, D, fa[f], fb[f], tmp);
-            forced_lm[f] = log(n) + scale * sc / sqrt(nq * n);
+            const double sc = piece_score(rq, kprefix, D, fa[f], fb[f], p->key_norm, tmp);
+            forced_lm[f] = log(n) + scale * sc / (sqrt(nq) * dhsa_repr_norm(fb[f] - fa[f], 1.0 - p->key_norm));
             mmax = DHSA_MAX(mmax, forced_lm[f]);
         }
         for (int64_t i = 0; i < np; i++) {
             const double n = (double)(pieces[i].b - pieces[i].a);
-            pieces[i].logm = log(n) + scale * pieces[i].score / sqrt(nq * n);
+            pieces[i].logm = log(n) + scale * pieces[i].score /
+                             (sqrt(nq) * dhsa_repr_norm(pieces[i].b - pieces[i].a, 1.0 - p->key_norm));
             mmax = DHSA_MAX(mmax, pieces[i].logm);
         }
         double total = 0.0, acc = 0.0;
@@ -371,7 +373,7 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
                     dhsa_repr_prefix_sums(kprefix, k + (b * s->Hkv + kh0) * s->Lk * D, s->Lk,
                                           D, nkh, s->Lk * D);
                     for (int64_t c = 0; c + 1 < nb; c++)
-                        dhsa_repr_range(rk + c * D, kprefix, D, bd[c], bd[c + 1]);
+                        dhsa_repr_range(rk + c * D, kprefix, D, bd[c], bd[c + 1], p->key_norm);
                 }
             } /* implicit barrier: prefix sums ready for every thread */
             last_cg = cgi;
@@ -382,7 +384,7 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
                 int64_t reach = 0;
                 for (int64_t i = 0; i < nqb; i++) {
                     block_geom g = geometry(s, bs, qb0 + i);
-                    dhsa_repr_range(rq + i * D, qprefix, D, g.i0, g.i0 + g.nq);
+                    dhsa_repr_range(rq + i * D, qprefix, D, g.i0, g.i0 + g.nq, 0.5);
                     reach = DHSA_MAX(reach, chunk_of(bd, nb, g.hi - 1) + 1);
                 }
                 dhsa_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nqb, (int)reach, (int)D,

@@ -158,10 +158,14 @@ def _bounds_arrays(boundaries: Boundaries, n_groups: int, Lk: int) -> Tuple[np.n
 def predict_selection(q: np.ndarray, k: np.ndarray, config: Optional[DHSAConfig] = None, *,
                       causal: bool = True, scale: Optional[float] = None,
                       window: Optional[int] = None, boundaries: Boundaries = None,
-                      return_scores: bool = False,
+                      return_scores: bool = False, softcap: Optional[float] = None,
                       num_threads: Optional[int] = None) -> Selection:
     """The DHSA prediction alone: chunk the keys, score chunks per query
     block, and select each block's key ranges under the budget.
+
+    ``config.method`` picks a baseline instead (see :class:`DHSAConfig`);
+    ``softcap`` matters only to the baselines that look at true attention
+    (``"vertical_slash"``, ``"oracle"``).
 
     ``boundaries`` overrides the chunking: one 1-D array of bounds
     (0 = b0 < ... < bN = Lk) for every chunking group, or one per (batch,
@@ -173,7 +177,15 @@ def predict_selection(q: np.ndarray, k: np.ndarray, config: Optional[DHSAConfig]
     qs, ks = _shape_of("q", q), _shape_of("k", k)
     B, H, Lq, _ = qs
     Hkv, Lk = ks[1], ks[2]
+    if config.method in ("streaming", "vertical_slash", "oracle"):
+        return _baseline_selection(q, k, config, causal=causal, scale=scale, softcap=softcap,
+                                   window=window)
     n_cg = B * (1 if config.granularity == "layer" else max(1, Hkv))
+    key_norm = config.key_norm
+    if config.method == "block_topk":
+        key_norm = 1.0  # mean-pooled blocks
+        if boundaries is None:
+            boundaries = np.append(np.arange(0, Lk, config.chunk_size), Lk).astype(np.int64)
     if boundaries is None and config.chunking == "fixed":
         boundaries = np.append(np.arange(0, Lk, config.chunk_size), Lk).astype(np.int64)
     bounds = num_bounds = None
@@ -188,7 +200,7 @@ def predict_selection(q: np.ndarray, k: np.ndarray, config: Optional[DHSAConfig]
         boundary_window=config.boundary_window, threshold=config.threshold,
         min_len=config.min_chunk, max_len=config.max_chunk, nms_radius=config.nms_radius,
         max_chunks=config.max_chunks or 0, bounds=bounds, num_bounds=num_bounds,
-        return_scores=bool(return_scores), num_threads=num_threads)
+        return_scores=bool(return_scores), num_threads=num_threads, key_norm=key_norm)
     nb = res["num_bounds"]
     return Selection(
         offsets=res["offsets"], starts=res["starts"], ends=res["ends"],
@@ -197,6 +209,31 @@ def predict_selection(q: np.ndarray, k: np.ndarray, config: Optional[DHSAConfig]
         boundaries=[res["bounds"][i, :nb[i]].copy() for i in range(len(nb))],
         chunk_groups=res["chunk_groups"], chunk_scores=res["chunk_scores"],
         pairs_selected=res["pairs_selected"], pairs_allowed=res["pairs_allowed"])
+
+
+def _baseline_selection(q, k, config: DHSAConfig, *, causal, scale, softcap, window) -> Selection:
+    from .baselines import baseline_ranges
+
+    # the C wrapper validates tensors and options: a trivial prediction (one
+    # dense block, O(L * D)) makes bad input fail the same way for every method
+    _core.predict(q, k, causal=bool(causal), scale=scale, window=window, granularity=0,
+                  block_size=q.shape[2], sink=0, local=0, mode=0, budget=k.shape[2],
+                  density=1.0, mass=1.0, min_budget=1, max_budget=1, boundary_window=1,
+                  threshold=0.0, min_len=1, max_len=1, nms_radius=0, max_chunks=0)
+    if softcap is not None:
+        _core.dense_attention(q[:1, :1, :1, :1], k[:1, :1, :1, :1], k[:1, :1, :1, :1],
+                              softcap=softcap)
+    B, H, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    offsets, starts, ends, groups = baseline_ranges(
+        config.method, np.asarray(q, dtype=np.float32), np.asarray(k, dtype=np.float32), config,
+        causal=bool(causal), scale=scale, softcap=softcap, window=window)
+    bs = min(config.block_size, Lq)
+    sel_, all_ = _core.count_pairs(offsets, starts, ends, block_size=bs, B=B, H=H, Hkv=Hkv,
+                                   Lq=Lq, Lk=Lk, causal=bool(causal), window=window)
+    return Selection(offsets=offsets, starts=starts, ends=ends, block_size=bs, batch=B,
+                     groups=groups, num_blocks=-(-Lq // bs), granularity=config.granularity,
+                     boundaries=None, chunk_groups=0, pairs_selected=sel_, pairs_allowed=all_)
 
 
 def sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray,
@@ -217,7 +254,8 @@ def sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray,
     t0 = time.perf_counter()
     if selection is None:
         selection = predict_selection(q, k, config, causal=causal, scale=scale, window=window,
-                                      boundaries=boundaries, num_threads=num_threads)
+                                      boundaries=boundaries, softcap=softcap,
+                                      num_threads=num_threads)
     elif not isinstance(selection, Selection):
         raise TypeError(f"selection must be a Selection, got {type(selection).__name__}")
     t1 = time.perf_counter()

@@ -6,11 +6,14 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["DHSAConfig", "GRANULARITIES", "BUDGET_MODES", "CHUNKINGS"]
+__all__ = ["DHSAConfig", "GRANULARITIES", "BUDGET_MODES", "CHUNKINGS", "METHODS",
+           "NORMALIZATIONS"]
 
 GRANULARITIES = ("layer", "kv_head", "query_head")
 BUDGET_MODES = ("tokens", "density", "adaptive")
 CHUNKINGS = ("dynamic", "fixed")
+METHODS = ("dhsa", "block_topk", "streaming", "vertical_slash", "oracle")
+NORMALIZATIONS = {"sqrt": 0.5, "mean": 1.0, "sum": 0.0}
 
 
 def _int(name: str, value, minimum: int, optional: bool = False) -> None:
@@ -59,7 +62,18 @@ class DHSAConfig:
     ``chunking="fixed"`` cuts every ``chunk_size`` keys.
 
     ``granularity``: one selection per layer (heads averaged), per KV head
-    (shared by its query heads) or per query head.
+    (shared by its query heads) or per query head. ``normalization``: how a
+    key chunk is represented, sum / n ** 0.5 (``"sqrt"``, DHSA), the plain
+    ``"mean"`` or the ``"sum"``.
+
+    ``method`` picks the selection rule; every one produces the same ranges
+    for the same kernel, at the same budget, sink and local rules:
+    ``"dhsa"`` (this method), ``"block_topk"`` (fixed blocks of
+    ``chunk_size`` keys, mean-pooled scores), ``"streaming"`` (sink + a
+    local window filling the budget), ``"vertical_slash"`` (key columns and
+    diagonals estimated from the last ``last_queries`` queries, as in
+    MInference) and ``"oracle"`` (the keys with the most true attention
+    mass; O(L^2), for short inputs and as an upper bound).
     """
 
     budget: int = 2048
@@ -80,8 +94,14 @@ class DHSAConfig:
     max_chunk: int = 16
     nms_radius: int = 4
     max_chunks: Optional[int] = None
+    normalization: str = "sqrt"
+    method: str = "dhsa"
+    last_queries: int = 64
 
     def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("normalization", self.normalization, tuple(NORMALIZATIONS))
+        _int("last_queries", self.last_queries, 1)
         _int("budget", self.budget, 1)
         _int("block_size", self.block_size, 1)
         if self.block_size > 4096:
@@ -113,7 +133,7 @@ class DHSAConfig:
             raise ValueError(
                 f"DHSAConfig.budget ({self.budget}) must be >= sink + local + block_size ({fixed}): "
                 "those keys are always kept")
-        if self.chunking == "dynamic" and self.local < self.lookahead:
+        if self.method == "dhsa" and self.chunking == "dynamic" and self.local < self.lookahead:
             raise ValueError(
                 f"DHSAConfig.local ({self.local}) must be >= boundary_window + nms_radius "
                 f"({self.lookahead}) so that no key after a query decides its selection")
@@ -122,6 +142,11 @@ class DHSAConfig:
     def lookahead(self) -> int:
         """Keys past a position that dynamic chunking reads to place a boundary there."""
         return self.boundary_window + self.nms_radius
+
+    @property
+    def key_norm(self) -> float:
+        """Exponent of the key chunk length in r_k = sum / n ** key_norm."""
+        return NORMALIZATIONS[self.normalization]
 
     def replace(self, **changes) -> "DHSAConfig":
         """A copy with some fields changed (validated again)."""

@@ -180,8 +180,20 @@ def prefix_sums(x_heads: np.ndarray) -> np.ndarray:
     return P
 
 
-def _repr(P: np.ndarray, a: int, b: int) -> np.ndarray:
-    return (P[b] - P[a]) / math.sqrt(b - a)
+def _norm(n: int, power: float) -> float:
+    """n ** power, exactly as the C core computes it."""
+    if power == 0.5:
+        return math.sqrt(n)
+    if power == 1.0:
+        return float(n)
+    if power == 0.0:
+        return 1.0
+    return float(n) ** power
+
+
+def _repr(P: np.ndarray, a: int, b: int, power: float = 0.5) -> np.ndarray:
+    """Representation of [a, b): sum / n ** power (0.5: mean * sqrt(n))."""
+    return (P[b] - P[a]) / _norm(b - a, power)
 
 
 # ---- selection ------------------------------------------------------------
@@ -200,6 +212,7 @@ def _block_geometry(Lq, Lk, block_size, qb, causal, window):
 
 
 def _select_block(rq, kP, bounds, geom, cfg, scale):
+    kn = cfg["key_norm"]
     """Ranges [(a, b), ...] of one query block (mirrors select_block in C)."""
     i0, nq, spos, epos, lo, hi = geom
     allowed = hi - lo
@@ -224,7 +237,7 @@ def _select_block(rq, kP, bounds, geom, cfg, scale):
         c = int(np.searchsorted(bounds, x, side="right")) - 1
         while c < len(bounds) - 1 and bounds[c] < y:
             a, b = max(x, bounds[c]), min(y, bounds[c + 1])
-            pieces.append((float(rq @ _repr(kP, a, b)), a, b))
+            pieces.append((float(rq @ _repr(kP, a, b, kn)), a, b))
             c += 1
     pieces.sort(key=lambda p: (-p[0], p[1]))
 
@@ -244,11 +257,11 @@ def _select_block(rq, kP, bounds, geom, cfg, scale):
     else:
         def logm(a, b, sc):
             n = b - a
-            return math.log(n) + scale * sc / math.sqrt(nq * n)
+            return math.log(n) + scale * sc / (math.sqrt(nq) * _norm(n, 1.0 - kn))
 
         forced_lm = []
         for a, b in ((lo, min(sink_end, spos)), (loc_a, min(loc_b, spos))):
-            forced_lm.append(logm(a, b, float(rq @ _repr(kP, a, b))) if b > a else -math.inf)
+            forced_lm.append(logm(a, b, float(rq @ _repr(kP, a, b, kn))) if b > a else -math.inf)
         piece_lm = [logm(a, b, sc) for sc, a, b in pieces]
         mmax = max(forced_lm + piece_lm)
         acc = sum(math.exp(x - mmax) for x in forced_lm)
@@ -283,7 +296,7 @@ def predict(q, k, *, block_size: int = 64, sink: int = 64, local: int = 256,
             threshold: float = 0.2, min_len: int = 4, max_len: int = 16,
             nms_radius: int = 4, max_chunks: int = 0, bounds=None,
             causal: bool = True, scale: Optional[float] = None,
-            window: Optional[int] = None) -> dict:
+            window: Optional[int] = None, key_norm: float = 0.5) -> dict:
     """The whole DHSA prediction in float64 (mirrors dhsa_predict_* in C).
 
     Returns a dict with ``bounds`` (list of arrays, one per chunking group),
@@ -306,7 +319,7 @@ def predict(q, k, *, block_size: int = 64, sink: int = 64, local: int = 256,
                 bounds.append(find_boundaries(sc, threshold, min_len, max_len, nms_radius,
                                               max_chunks))
     cfg = dict(sink=sink, local=local, mode=mode, budget=budget, density=density, mass=mass,
-               min_budget=min_budget, max_budget=max_budget)
+               min_budget=min_budget, max_budget=max_budget, key_norm=key_norm)
     nqb = -(-Lq // block_size)
     offsets, starts, ends = [0], [], []
     for b in range(B):

@@ -1,0 +1,229 @@
+"""Baseline selections in DHSA's format, so one kernel runs every method.
+
+Each baseline keeps DHSA's rules: per query block of ``block_size`` queries,
+only causally (and window-) allowed keys, always the first ``sink`` of them,
+the ``local`` keys before the block and the block's own keys, at most the
+block's budget in all, and a dense block when the budget covers every allowed
+key. They differ in how they fill the rest of the budget:
+
+- ``block_topk``: fixed key blocks, mean-pooled block scores (the C predictor
+  with fixed chunks and plain means; see :func:`dhsa.predict_selection`);
+- ``streaming``: the local window grows to fill the budget (A-shape);
+- ``vertical_slash``: MInference's pattern: the key columns ("vertical") and
+  diagonals ("slash") that the last ``last_queries`` queries of the group
+  weight most, half of the free budget each;
+- ``oracle``: the keys with the most true attention mass for the block (sum
+  over its queries and the group's heads), token by token; O(L^2).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from .config import DHSAConfig
+
+__all__ = ["baseline_ranges"]
+
+Range = Tuple[int, int]
+
+
+def _geometry(Lq: int, Lk: int, bs: int, qb: int, causal: bool, window: Optional[int]):
+    i0 = qb * bs
+    nq = min(bs, Lq - i0)
+    spos = Lk - Lq + i0
+    epos = spos + nq - 1
+    lo = max(0, spos - window + 1) if window else 0
+    if causal:
+        hi = epos + 1
+    else:
+        hi = min(Lk, epos + window) if window else Lk
+    return i0, nq, spos, epos, lo, hi
+
+
+def _budget(cfg: DHSAConfig, allowed: int) -> int:
+    if cfg.budget_mode == "tokens":
+        return cfg.budget
+    if cfg.budget_mode == "density":
+        return int(math.ceil(cfg.density * allowed))
+    return cfg.max_budget  # adaptive: no mass estimate here, use the ceiling
+
+
+def _merge(ranges: List[Range]) -> List[Range]:
+    out: List[Range] = []
+    for a, b in sorted(r for r in ranges if r[1] > r[0]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _runs(idx: np.ndarray) -> List[Range]:
+    """Sorted key indices -> [start, end) runs."""
+    if idx.size == 0:
+        return []
+    idx = np.sort(idx)
+    cut = np.nonzero(np.diff(idx) > 1)[0]
+    starts = np.concatenate([[idx[0]], idx[cut + 1]])
+    ends = np.concatenate([idx[cut] + 1, [idx[-1] + 1]])
+    return [(int(a), int(b)) for a, b in zip(starts, ends)]
+
+
+def _group_heads(granularity: str, H: int, Hkv: int, g: int):
+    """(query heads, kv head of each) of selection group g."""
+    G = H // Hkv
+    if granularity == "layer":
+        heads = list(range(H))
+    elif granularity == "kv_head":
+        heads = list(range(g * G, (g + 1) * G))
+    else:
+        heads = [g]
+    return heads, [h // G for h in heads]
+
+
+def _logits(q, k, scale, softcap):
+    s = (q.astype(np.float64) @ k.astype(np.float64).T) * scale
+    if softcap is not None:
+        s = softcap * np.tanh(s / softcap)
+    return s
+
+
+def _softmax_rows(s: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    s = np.where(mask, s, -np.inf)
+    m = s.max(axis=1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    z = p.sum(axis=1, keepdims=True)
+    return np.divide(p, z, out=np.zeros_like(p), where=z > 0)
+
+
+def _visible(Lq, Lk, r0, r1, causal, window):
+    p = np.arange(Lk - Lq + r0, Lk - Lq + r1)[:, None]
+    j = np.arange(Lk)[None, :]
+    m = np.ones((r1 - r0, Lk), dtype=bool)
+    if causal:
+        m &= j <= p
+    if window is not None:
+        m &= j > p - window
+        if not causal:
+            m &= j < p + window
+    return m
+
+
+def baseline_ranges(method: str, q: np.ndarray, k: np.ndarray, cfg: DHSAConfig, *,
+                    causal: bool = True, scale: Optional[float] = None,
+                    softcap: Optional[float] = None,
+                    window: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """CSR selection (offsets, starts, ends, groups) of a NumPy baseline:
+    ``"streaming"``, ``"vertical_slash"`` or ``"oracle"``."""
+    if method not in ("streaming", "vertical_slash", "oracle"):
+        raise ValueError(f"method must be streaming, vertical_slash or oracle, got {method!r}")
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if window is not None:
+        window = min(int(window), Lk)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    bs = min(cfg.block_size, Lq)
+    nqb = -(-Lq // bs)
+    groups = {"layer": 1, "kv_head": Hkv, "query_head": H}[cfg.granularity]
+    offsets, starts, ends = [0], [], []
+    for b in range(B):
+        for g in range(groups):
+            heads, kvs = _group_heads(cfg.granularity, H, Hkv, g)
+            pattern = None
+            if method == "vertical_slash":
+                pattern = _vertical_slash_scores(q[b], k[b], heads, kvs, cfg, scale, softcap,
+                                                 causal, window)
+            for qb in range(nqb):
+                i0, nq, spos, epos, lo, hi = _geometry(Lq, Lk, bs, qb, causal, window)
+                allowed = hi - lo
+                sink_end = min(lo + cfg.sink, hi)
+                loc_a = max(sink_end, spos - cfg.local)
+                loc_b = max(loc_a, min(hi, epos + 1))
+                forced = (sink_end - lo) + (loc_b - loc_a)
+                budget = max(_budget(cfg, allowed), forced)
+                if allowed <= budget:
+                    ranges = [(lo, hi)]
+                else:
+                    free = budget - forced
+                    fixed = [(lo, sink_end), (loc_a, loc_b)]
+                    cand = np.concatenate([np.arange(sink_end, loc_a), np.arange(loc_b, hi)])
+                    if method == "streaming":
+                        # the window before the block grows; non-causal: after it too
+                        before = np.arange(sink_end, loc_a)[::-1]
+                        after = np.arange(loc_b, hi)
+                        order = np.empty(before.size + after.size, dtype=np.int64)
+                        n = min(before.size, after.size)
+                        order[:2 * n:2], order[1:2 * n:2] = before[:n], after[:n]
+                        order[2 * n:] = before[n:] if before.size > n else after[n:]
+                        chosen = order[:free]
+                    elif method == "oracle":
+                        mass = np.zeros(Lk)
+                        vis = _visible(Lq, Lk, i0, i0 + nq, causal, window)
+                        for h, kv in zip(heads, kvs):
+                            p = _softmax_rows(_logits(q[b, h, i0:i0 + nq], k[b, kv], scale,
+                                                      softcap), vis)
+                            mass += p.sum(axis=0)
+                        m = mass[cand]
+                        order = np.lexsort((cand, -m))  # most mass first, then earliest
+                        chosen = cand[order[:free]]
+                    else:
+                        chosen = _vertical_slash_pick(pattern, cand, spos, epos, free)
+                    ranges = _merge(fixed + _runs(np.asarray(chosen, dtype=np.int64)))
+                for a, e in ranges:
+                    starts.append(a)
+                    ends.append(e)
+                offsets.append(len(starts))
+    return (np.asarray(offsets, dtype=np.int64), np.asarray(starts, dtype=np.int32),
+            np.asarray(ends, dtype=np.int32), groups)
+
+
+def _vertical_slash_scores(qb, kb, heads, kvs, cfg, scale, softcap, causal, window):
+    """(vertical (Lk,), slash (Lk,)) attention mass of the last queries per
+    key column and per diagonal offset (query position - key position)."""
+    H, Lq, D = qb.shape
+    Lk = kb.shape[1]
+    n = min(cfg.last_queries, Lq)
+    r0 = Lq - n
+    vis = _visible(Lq, Lk, r0, Lq, causal, window)
+    vertical = np.zeros(Lk)
+    slash = np.zeros(2 * Lk)  # offsets -Lk+1 .. Lk-1, index offset + Lk
+    pos = np.arange(Lk - n, Lk)[:, None]
+    off = (pos - np.arange(Lk)[None, :]) + Lk
+    for h, kv in zip(heads, kvs):
+        p = _softmax_rows(_logits(qb[h, r0:], kb[kv], scale, softcap), vis)
+        vertical += p.sum(axis=0)
+        np.add.at(slash, off.ravel(), p.ravel())
+    return vertical, slash
+
+
+def _vertical_slash_pick(pattern, cand: np.ndarray, spos: int, epos: int, free: int):
+    """Half the free budget to the best diagonals (each a run of keys at a
+    fixed distance from the block's queries), the rest to the best columns."""
+    vertical, slash = pattern
+    Lk = vertical.size
+    cand_set = np.zeros(Lk, dtype=bool)
+    cand_set[cand] = True
+    chosen = np.zeros(Lk, dtype=bool)
+    want_slash = free // 2
+    offsets = np.argsort(-slash, kind="stable") - Lk
+    taken = 0
+    for o in offsets:
+        if taken >= want_slash or slash[o + Lk] <= 0:
+            break
+        a, e = max(0, spos - o), min(Lk, epos - o + 1)
+        if e <= a:
+            continue
+        run = np.arange(a, e)
+        run = run[cand_set[run] & ~chosen[run]]
+        run = run[:want_slash - taken]
+        chosen[run] = True
+        taken += run.size
+    left = free - taken
+    if left > 0:
+        cols = cand[~chosen[cand]]
+        order = np.lexsort((cols, -vertical[cols]))
+        chosen[cols[order[:left]]] = True
+    return np.nonzero(chosen)[0]
