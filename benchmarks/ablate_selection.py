@@ -53,36 +53,6 @@ def load_text(haystack_dir, n_chars):
     return text[:n_chars]
 
 
-def dense_probs(q, k):
-    """(H, L, L) float32 causal softmax of one layer (B = 1)."""
-    _, H, L, D = q.shape
-    G = H // k.shape[1]
-    tri = np.tril(np.ones((L, L), dtype=bool))
-    P = np.empty((H, L, L), dtype=np.float32)
-    for h in range(H):
-        s = (q[0, h].astype(np.float64) @ k[0, h // G].T.astype(np.float64)) / np.sqrt(D)
-        s = np.where(tri, s, -np.inf)
-        s -= s.max(axis=1, keepdims=True)
-        p = np.exp(s)
-        P[h] = p / p.sum(axis=1, keepdims=True)
-    return P
-
-
-def recall_from_probs(P, sel):
-    """Mean over heads and queries of the mass inside the selected ranges."""
-    H, L, _ = P.shape
-    C = np.concatenate([np.zeros((H, L, 1), np.float64), np.cumsum(P, axis=2, dtype=np.float64)],
-                       axis=2)
-    total = 0.0
-    for h in range(H):
-        g = 0 if sel.groups == 1 else (h if sel.groups == H else h // (H // sel.groups))
-        for qb in range(sel.num_blocks):
-            r0, r1 = qb * sel.block_size, min(L, (qb + 1) * sel.block_size)
-            for a, e in sel.ranges(0, g, qb):
-                total += float((C[h, r0:r1, e] - C[h, r0:r1, a]).sum())
-    return total / (H * L)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--length", type=int, default=4096)
@@ -96,7 +66,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     started = utc_now()
 
-    from dhsa.analysis import capture_qkv
+    from dhsa.analysis import capture_qkv, dense_probabilities, recall_from_probabilities
     from dhsa.models import load_smollm2
     model, tok = load_smollm2()
     ids = tok(load_text(args.haystack_dir, args.length * 8), return_tensors="pt").input_ids
@@ -113,7 +83,7 @@ def main(argv=None):
     meta = {}
     for li in layers:
         q, k = cap[li][0], cap[li][1]
-        P = dense_probs(q, k)
+        P = dense_probabilities(q, k)
         for budget in args.budgets:
             base = dict(budget=budget, block_size=args.block_size, sink=args.sink,
                         local=args.local)
@@ -124,7 +94,7 @@ def main(argv=None):
                 t = time.perf_counter()
                 sel = dhsa.predict_selection(q, k, cfg)
                 dt = time.perf_counter() - t
-                scores[(budget, n)].append(recall_from_probs(P, sel))
+                scores[(budget, n)].append(float(recall_from_probabilities(P, sel).mean()))
                 m = meta.setdefault((budget, n), {"density": [], "chunks": [], "predict_s": []})
                 m["density"].append(sel.density)
                 m["chunks"].append(float(np.mean([len(b) - 1 for b in sel.boundaries])))

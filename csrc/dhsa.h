@@ -139,6 +139,11 @@ int dhsa_chunking_find_boundaries(int64_t *bounds, int64_t *num_bounds,
 int dhsa_repr_prefix_sums(double *prefix, const float *x, int64_t L,
                           int64_t D, int64_t nheads, int64_t head_stride);
 
+/* The rows t = 0, step, 2 step, ..., L of those running sums only:
+ * out (ceil(L / step) + 1, D), bit-identical to the full sums there. */
+int dhsa_repr_prefix_sums_every(double *out, const float *x, int64_t L, int64_t D,
+                                int64_t nheads, int64_t head_stride, int64_t step);
+
 /* out (D) = (prefix[b] - prefix[a]) / n ** power, n = b - a: with power 0.5
  * the DHSA representation mean * sqrt(n); 1 gives the mean, 0 the sum. */
 void dhsa_repr_range(double *out, const double *prefix, int64_t D, int64_t a,

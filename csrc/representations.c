@@ -31,6 +31,29 @@ int dhsa_repr_prefix_sums(double *prefix, const float *x, int64_t L, int64_t D,
     return DHSA_OK;
 }
 
+/* out (ceil(L / step) + 1, D): the rows t = 0, step, 2 step, ..., L of the
+ * running sums above, computed the same way (so bit-identical) but stored
+ * only where a block starts: O(L / step * D) memory. */
+int dhsa_repr_prefix_sums_every(double *out, const float *x, int64_t L, int64_t D,
+                                int64_t nheads, int64_t head_stride, int64_t step) {
+    if (!out || !x || L <= 0 || D <= 0 || nheads <= 0 || step <= 0) return DHSA_EINVAL;
+    double *run = dhsa_alloc((size_t)D * sizeof(double));
+    if (!run) return DHSA_ENOMEM;
+    memset(run, 0, (size_t)D * sizeof(double));
+    memset(out, 0, (size_t)D * sizeof(double));
+    int64_t row = 1;
+    for (int64_t t = 0; t < L; t++) {
+        for (int64_t d = 0; d < D; d++) {
+            double acc = 0.0;
+            for (int64_t h = 0; h < nheads; h++) acc += (double)x[h * head_stride + t * D + d];
+            run[d] = run[d] + acc / (double)nheads;
+        }
+        if ((t + 1) % step == 0 || t + 1 == L) memcpy(out + (row++) * D, run, (size_t)D * sizeof(double));
+    }
+    free(run);
+    return DHSA_OK;
+}
+
 /* n ** power, with sqrt for the DHSA default so the reference matches bit for bit */
 double dhsa_repr_norm(int64_t n, double power) {
     if (power == 0.5) return sqrt((double)n);

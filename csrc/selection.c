@@ -75,6 +75,12 @@ static block_geom geometry(const dhsa_attn_shape *s, int64_t bs, int64_t qb) {
     return g;
 }
 
+/* keys [lo, hi) visible to the query at position p */
+static void row_visible(const dhsa_attn_shape *s, int64_t p, int64_t *lo, int64_t *hi) {
+    *lo = s->window > 0 ? DHSA_MAX(0, p - s->window + 1) : 0;
+    *hi = s->causal ? p + 1 : (s->window > 0 ? DHSA_MIN(s->Lk, p + s->window) : s->Lk);
+}
+
 /* index of the chunk holding key x: bounds[c] <= x < bounds[c + 1] */
 static int64_t chunk_of(const int64_t *bounds, int64_t n, int64_t x) {
     int64_t lo = 0, hi = n - 1; /* chunks 0 .. n - 2 */
@@ -336,7 +342,8 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
     for (int64_t i = 0; i < s->B * CG; i++) ncmax = DHSA_MAX(ncmax, num_bounds[i] - 1);
     if (chunk_scores && score_stride < ncmax) return DHSA_EINVAL;
 
-    double *qprefix = dhsa_alloc((size_t)((s->Lq + 1) * D) * sizeof(double));
+    /* queries: running sums kept only at block starts, (NQB + 1, D) */
+    double *qprefix = dhsa_alloc((size_t)((NQB + 1) * D) * sizeof(double));
     double *kprefix = dhsa_alloc((size_t)((s->Lk + 1) * D) * sizeof(double));
     double *rk = dhsa_alloc((size_t)(ncmax * D) * sizeof(double));
     if (!qprefix || !kprefix || !rk) { free(qprefix); free(kprefix); free(rk); return DHSA_ENOMEM; }
@@ -365,8 +372,8 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
                 int64_t qh0 = 0, nqh = s->H;
                 if (p->granularity == DHSA_GRAN_KV_HEAD) { qh0 = sg * G; nqh = G; }
                 if (p->granularity == DHSA_GRAN_QUERY_HEAD) { qh0 = sg; nqh = 1; }
-                dhsa_repr_prefix_sums(qprefix, q + (b * s->H + qh0) * s->Lq * D, s->Lq, D,
-                                      nqh, s->Lq * D);
+                dhsa_repr_prefix_sums_every(qprefix, q + (b * s->H + qh0) * s->Lq * D, s->Lq,
+                                            D, nqh, s->Lq * D, bs);
                 if (cgi != last_cg) {
                     const int64_t kh0 = p->granularity == DHSA_GRAN_LAYER ? 0 : cgi % CG;
                     const int64_t nkh = p->granularity == DHSA_GRAN_LAYER ? s->Hkv : 1;
@@ -384,7 +391,10 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
                 int64_t reach = 0;
                 for (int64_t i = 0; i < nqb; i++) {
                     block_geom g = geometry(s, bs, qb0 + i);
-                    dhsa_repr_range(rq + i * D, qprefix, D, g.i0, g.i0 + g.nq, 0.5);
+                    /* block sum / sqrt(nq), as dhsa_repr_range on the full running sums */
+                    const double *p0 = qprefix + (qb0 + i) * D, *p1 = p0 + D;
+                    for (int64_t d = 0; d < D; d++)
+                        rq[i * D + d] = (p1[d] - p0[d]) / sqrt((double)g.nq);
                     reach = DHSA_MAX(reach, chunk_of(bd, nb, g.hi - 1) + 1);
                 }
                 dhsa_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nqb, (int)reach, (int)D,
@@ -417,22 +427,31 @@ int dhsa_selection_count_pairs(int64_t *pairs_selected, int64_t *pairs_allowed,
     st = dhsa_selection_check(sel, s);
     if (st != DHSA_OK) return st;
     const int64_t NQB = sel->num_blocks, bs = sel->block_size;
+#pragma omp parallel for schedule(dynamic, 1)
     for (int64_t grp = 0; grp < s->B * sel->num_groups; grp++) {
         int64_t kept = 0, allowed = 0;
         for (int64_t qb = 0; qb < NQB; qb++) {
             const int64_t idx = grp * NQB + qb;
             block_geom g = geometry(s, bs, qb);
+            /* keys every row of the block sees: [lo of the last row, hi of the first) */
+            int64_t lo_all, hi_all, tmp;
+            row_visible(s, g.epos, &lo_all, &tmp);
+            row_visible(s, g.spos, &tmp, &hi_all);
             for (int64_t pos = g.spos; pos <= g.epos; pos++) {
-                int64_t lo = 0, hi = s->Lk;
-                if (s->causal) hi = pos + 1;
-                if (s->window > 0) {
-                    lo = DHSA_MAX(lo, pos - s->window + 1);
-                    if (!s->causal) hi = DHSA_MIN(hi, pos + s->window);
-                }
+                int64_t lo, hi;
+                row_visible(s, pos, &lo, &hi);
                 allowed += hi - lo;
-                for (int64_t r = sel->offsets[idx]; r < sel->offsets[idx + 1]; r++) {
-                    const int64_t a = DHSA_MAX(lo, (int64_t)sel->starts[r]);
-                    const int64_t b = DHSA_MIN(hi, (int64_t)sel->ends[r]);
+            }
+            for (int64_t r = sel->offsets[idx]; r < sel->offsets[idx + 1]; r++) {
+                const int64_t ra = sel->starts[r], rb = sel->ends[r];
+                if (ra >= lo_all && rb <= hi_all) { /* the common case: no row masks it */
+                    kept += (rb - ra) * g.nq;
+                    continue;
+                }
+                for (int64_t pos = g.spos; pos <= g.epos; pos++) {
+                    int64_t lo, hi;
+                    row_visible(s, pos, &lo, &hi);
+                    const int64_t a = DHSA_MAX(lo, ra), b = DHSA_MIN(hi, rb);
                     if (b > a) kept += b - a;
                 }
             }

@@ -13,7 +13,8 @@ import numpy as np
 
 from .api import Selection, dense_attention, sparse_attention
 
-__all__ = ["attention_recall", "output_error", "capture_qkv"]
+__all__ = ["attention_recall", "output_error", "capture_qkv", "dense_probabilities",
+           "recall_from_probabilities"]
 
 
 def _group_of_head(sel: Selection, H: int, h: int) -> int:
@@ -71,6 +72,44 @@ def _rows_visible(Lq, Lk, r0, r1, causal, window):
         if not causal:
             m &= j < p + window
     return m
+
+
+def dense_probabilities(q: np.ndarray, k: np.ndarray, *, scale: Optional[float] = None,
+                        softcap: Optional[float] = None) -> np.ndarray:
+    """(H, L, L) float32 causal softmax of one batch item (B = 1, Lq = Lk).
+
+    O(H L^2) memory: for scoring many selections of the same layer against
+    one dense pass (e.g. 9 heads x 4K^2 = 600 MB)."""
+    _, H, L, D = q.shape
+    G = H // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    tri = np.tril(np.ones((L, L), dtype=bool))
+    P = np.empty((H, L, L), dtype=np.float32)
+    for h in range(H):
+        s = (q[0, h].astype(np.float64) @ k[0, h // G].T.astype(np.float64)) * scale
+        if softcap is not None:
+            s = softcap * np.tanh(s / softcap)
+        s = np.where(tri, s, -np.inf)
+        s -= s.max(axis=1, keepdims=True)
+        p = np.exp(s)
+        P[h] = p / p.sum(axis=1, keepdims=True)
+    return P
+
+
+def recall_from_probabilities(P: np.ndarray, selection: Selection) -> np.ndarray:
+    """(H,) mean over queries of the mass of ``P`` (from dense_probabilities)
+    inside the selected ranges; batch item 0."""
+    H, L, _ = P.shape
+    out = np.zeros(H)
+    for h in range(H):
+        C = np.concatenate([np.zeros((L, 1)), np.cumsum(P[h], axis=1, dtype=np.float64)], axis=1)
+        g = _group_of_head(selection, H, h)
+        for qb in range(selection.num_blocks):
+            r0 = qb * selection.block_size
+            r1 = min(L, r0 + selection.block_size)
+            for a, e in selection.ranges(0, g, qb):
+                out[h] += float((C[r0:r1, e] - C[r0:r1, a]).sum())
+    return out / L
 
 
 def output_error(q: np.ndarray, k: np.ndarray, v: np.ndarray, selection: Selection, *,
