@@ -16,6 +16,19 @@ from .api import (AttentionInfo, Selection, build_info, dense_attention, force_s
 from .config import DHSAConfig
 
 __version__ = "0.1.0"
+
+# Hugging Face integration, loaded on first use so that `import dhsa` needs no torch
+_LAZY = {"patch": "patching", "unpatch": "patching", "get_handle": "patching",
+         "PatchHandle": "patching", "CallRecord": "patching",
+         "load_smollm2": "models", "smollm2_gguf_path": "models"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 backend_features = build_info()
 
 __all__ = [
@@ -26,6 +39,10 @@ __all__ = [
     "build_info",
     "dense_attention",
     "force_scalar",
+    "get_handle",
+    "load_smollm2",
+    "patch",
+    "unpatch",
     "predict_selection",
     "sparse_attention",
     "__version__",

