@@ -181,8 +181,9 @@ def baseline_ranges(method: str, q: np.ndarray, k: np.ndarray, cfg: DHSAConfig, 
 
 
 def _vertical_slash_scores(qb, kb, heads, kvs, cfg, scale, softcap, causal, window):
-    """(vertical (Lk,), slash (Lk,)) attention mass of the last queries per
-    key column and per diagonal offset (query position - key position)."""
+    """(vertical (Lk,), slash (2 Lk,), offsets best first): attention mass of
+    the last queries per key column and per diagonal offset (query position
+    - key position, stored at offset + Lk)."""
     H, Lq, D = qb.shape
     Lk = kb.shape[1]
     n = min(cfg.last_queries, Lq)
@@ -196,19 +197,19 @@ def _vertical_slash_scores(qb, kb, heads, kvs, cfg, scale, softcap, causal, wind
         p = _softmax_rows(_logits(qb[h, r0:], kb[kv], scale, softcap), vis)
         vertical += p.sum(axis=0)
         np.add.at(slash, off.ravel(), p.ravel())
-    return vertical, slash
+    # ranked once here, not per block
+    return vertical, slash, np.argsort(-slash, kind="stable") - Lk
 
 
 def _vertical_slash_pick(pattern, cand: np.ndarray, spos: int, epos: int, free: int):
     """Half the free budget to the best diagonals (each a run of keys at a
     fixed distance from the block's queries), the rest to the best columns."""
-    vertical, slash = pattern
+    vertical, slash, offsets = pattern
     Lk = vertical.size
     cand_set = np.zeros(Lk, dtype=bool)
     cand_set[cand] = True
     chosen = np.zeros(Lk, dtype=bool)
     want_slash = free // 2
-    offsets = np.argsort(-slash, kind="stable") - Lk
     taken = 0
     for o in offsets:
         if taken >= want_slash or slash[o + Lk] <= 0:

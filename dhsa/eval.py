@@ -87,23 +87,25 @@ def haystack_text(haystack_dir: Optional[str] = None, n_chars: int = 200_000) ->
 
 
 def build_niah_prompt(tokenizer, haystack: str, context: int, depth: float):
-    """input_ids (1, <= context) with the needle at ``depth`` (0-1) of the
-    haystack, cut at a sentence end, then the question and the answer prefix
-    in the tokenizer's chat format. Returns (input_ids, needle token index)."""
+    """input_ids (1, <= context): in the tokenizer's chat format, a user turn
+    "Read the document and answer the question. Document: <haystack with the
+    needle at ``depth`` (0-1), cut at a sentence end> Question: <QUESTION>",
+    then the assistant turn opened with ANSWER_PREFIX.
+    Returns (input_ids, needle token index)."""
     import torch
 
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     head = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "<<CTX>>"}], tokenize=False, add_generation_prompt=True)
+        [{"role": "user", "content": "Read the document and answer the question.\n\n"
+                                     "Document:\n<<CTX>>\n\nQuestion: " + QUESTION}],
+        tokenize=False, add_generation_prompt=True)
     pre, post = head.split("<<CTX>>")
-    question = f"\n\n{QUESTION} Answer in one sentence."
-    tail_ids = tokenizer(post.replace("\n", "\n", 1), add_special_tokens=False).input_ids
-    q_ids = tokenizer(question, add_special_tokens=False).input_ids
     pre_ids = tokenizer(pre, add_special_tokens=False).input_ids
+    tail_ids = tokenizer(post, add_special_tokens=False).input_ids
     ans_ids = tokenizer(ANSWER_PREFIX, add_special_tokens=False).input_ids
     needle_ids = tokenizer(" " + NEEDLE + " ", add_special_tokens=False).input_ids
-    room = context - len(pre_ids) - len(q_ids) - len(tail_ids) - len(ans_ids) - len(needle_ids)
+    room = context - len(pre_ids) - len(tail_ids) - len(ans_ids) - len(needle_ids)
     if room < 16:
         raise ValueError(f"context {context} is too short for the NIAH prompt")
     hay = tokenizer(haystack, add_special_tokens=False).input_ids[:room]
@@ -111,7 +113,7 @@ def build_niah_prompt(tokenizer, haystack: str, context: int, depth: float):
     # move the cut back to the end of a sentence (a token ending in '.')
     while cut > 0 and not tokenizer.decode(hay[cut - 1:cut]).rstrip().endswith("."):
         cut -= 1
-    ids = pre_ids + hay[:cut] + needle_ids + hay[cut:] + q_ids + tail_ids + ans_ids
+    ids = pre_ids + hay[:cut] + needle_ids + hay[cut:] + tail_ids + ans_ids
     return torch.tensor([ids]), len(pre_ids) + cut
 
 
@@ -161,8 +163,7 @@ def run_niah(model, tokenizer, *, methods: Sequence[str], lengths: Sequence[int]
                 toks, density = _with_method(model, m, budget, base,
                                              lambda: _generate(model, ids, max_new_tokens))
                 dt = time.perf_counter() - t
-                answer = tokenizer.decode(toks, skip_special_tokens=True).strip()
-                answer = answer.split("\n")[0]
+                answer = " ".join(tokenizer.decode(toks, skip_special_tokens=True).split())
                 cell = {"method": m, "length": int(ids.shape[1]), "target_length": L,
                         "depth": d, "needle_token": needle_at, "answer": answer,
                         "score": niah_score(answer), "density": density, "seconds": dt,
