@@ -58,11 +58,12 @@ typedef struct {
     float *m;    /* (rows_cap)        running max */
     float *l;    /* (rows_cap)        running sum */
     float *kg, *vg;  /* (gather_cap, D) gathered keys / values (sparse) */
+    float *kt, *vt;  /* (tile_k, D) a widened float16 K / V tile */
     int32_t *kpos;   /* (gather_cap)    their positions */
 } tile_scratch;
 
 static int scratch_init(tile_scratch *w, int64_t rows_cap, int64_t D, int64_t tile_k,
-                        int64_t gather_cap) {
+                        int64_t gather_cap, int half) {
     w->rows_cap = rows_cap;
     w->D = D;
     w->tile_k = tile_k;
@@ -71,8 +72,13 @@ static int scratch_init(tile_scratch *w, int64_t rows_cap, int64_t D, int64_t ti
     w->o = dhsa_alloc((size_t)(rows_cap * D) * sizeof(float));
     w->m = dhsa_alloc((size_t)rows_cap * sizeof(float));
     w->l = dhsa_alloc((size_t)rows_cap * sizeof(float));
-    w->kg = w->vg = NULL;
+    w->kg = w->vg = w->kt = w->vt = NULL;
     w->kpos = NULL;
+    if (half) {
+        w->kt = dhsa_alloc((size_t)(tile_k * D) * sizeof(float));
+        w->vt = dhsa_alloc((size_t)(tile_k * D) * sizeof(float));
+        if (!w->kt || !w->vt) return DHSA_ENOMEM;
+    }
     if (gather_cap > 0) {
         w->kg = dhsa_alloc((size_t)(gather_cap * D) * sizeof(float));
         w->vg = dhsa_alloc((size_t)(gather_cap * D) * sizeof(float));
@@ -84,7 +90,7 @@ static int scratch_init(tile_scratch *w, int64_t rows_cap, int64_t D, int64_t ti
 
 static void scratch_free(tile_scratch *w) {
     free(w->qt); free(w->s); free(w->o); free(w->m); free(w->l);
-    free(w->kg); free(w->vg); free(w->kpos);
+    free(w->kg); free(w->vg); free(w->kpos); free(w->kt); free(w->vt);
 }
 
 int dhsa_attn_shape_check(const dhsa_attn_shape *s) {
@@ -95,6 +101,7 @@ int dhsa_attn_shape_check(const dhsa_attn_shape *s) {
     if (!(s->scale > 0.0f) || !isfinite(s->scale)) return DHSA_EINVAL;
     if (!(s->softcap >= 0.0f) || !isfinite(s->softcap)) return DHSA_EINVAL;
     if (s->window < 0) return DHSA_EINVAL;
+    if (s->kv_f16 != 0 && s->kv_f16 != 1) return DHSA_EINVAL;
     if (s->Lk > INT32_MAX) return DHSA_EOVERFLOW;
     /* element counts must fit int64 (and BLAS ints per tile, which they do) */
     if (s->B > INT64_MAX / s->H || s->B * s->H > INT64_MAX / s->Lk ||
@@ -117,9 +124,10 @@ static inline void visible_keys(const dhsa_attn_shape *s, int64_t p, int64_t *lo
 /* The keys one work item attends to: row i of k / v is the key at position
  * pos[i] (pos == NULL: at position first + i). Positions rise with i. */
 typedef struct {
-    const float *k, *v;
+    const void *k, *v;     /* rows of D floats, or of D halves when half */
     const int32_t *pos;
     int64_t first, n;
+    int half;              /* 1: float16 rows, converted tile by tile */
 } key_list;
 
 static inline int64_t key_pos(const key_list *kl, int64_t i) {
@@ -149,8 +157,18 @@ static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, int64_t R, in
         const int64_t t1 = DHSA_MIN(kl->n, t0 + TK), nk = t1 - t0;
         /* mask only tiles that cross the diagonal or a window edge */
         const int need_mask = key_pos(kl, t0) < lo1 || key_pos(kl, t1 - 1) >= hi0;
+        const float *kt, *vt;
+        if (kl->half) { /* float16 storage: widen this tile once, reuse for all rows */
+            dhsa_half_to_float(w->kt, (const uint16_t *)kl->k + t0 * D, nk * D);
+            dhsa_half_to_float(w->vt, (const uint16_t *)kl->v + t0 * D, nk * D);
+            kt = w->kt;
+            vt = w->vt;
+        } else {
+            kt = (const float *)kl->k + t0 * D;
+            vt = (const float *)kl->v + t0 * D;
+        }
         dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)R, (int)nk, (int)D, 1.0f,
-                   w->qt, (int)D, kl->k + t0 * D, (int)D, 0.0f, w->s, (int)TK);
+                   w->qt, (int)D, kt, (int)D, 0.0f, w->s, (int)TK);
         for (int64_t r = 0; r < R; r++) {
             float *srow = w->s + r * TK;
             int64_t ja = 0, jb = nk; /* visible columns of this row */
@@ -173,7 +191,7 @@ static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, int64_t R, in
             w->m[r] = m_new;
         }
         dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)R, (int)D, (int)nk, 1.0f,
-                   w->s, (int)TK, kl->v + t0 * D, (int)D, 1.0f, w->o, (int)D);
+                   w->s, (int)TK, vt, (int)D, 1.0f, w->o, (int)D);
     }
 }
 
@@ -183,14 +201,15 @@ static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, int64_t R, in
  * [starts[r], ends[r]) for r < nranges (sorted). Several ranges are first
  * gathered into contiguous scratch (O(keys * D), against O(rows * keys * D)
  * of compute) so every sgemm sees full tiles, not one chunk at a time. */
-static void attend_item(tile_scratch *w, float *out, const float *q, const float *k,
-                        const float *v, const dhsa_attn_shape *s, int64_t b, int64_t h0,
+static void attend_item(tile_scratch *w, float *out, const float *q, const void *k,
+                        const void *v, const dhsa_attn_shape *s, int64_t b, int64_t h0,
                         int64_t nh, int64_t kvh, int64_t i0, int64_t nq,
                         const int32_t *starts, const int32_t *ends, int64_t nranges) {
     const int64_t D = s->D, R = nh * nq;
     const int64_t pos0 = s->Lk - s->Lq + i0, pos_last = pos0 + nq - 1;
-    const float *kb = k + (b * s->Hkv + kvh) * s->Lk * D;
-    const float *vb = v + (b * s->Hkv + kvh) * s->Lk * D;
+    const size_t esz = s->kv_f16 ? sizeof(uint16_t) : sizeof(float);
+    const char *kb = (const char *)k + (size_t)((b * s->Hkv + kvh) * s->Lk * D) * esz;
+    const char *vb = (const char *)v + (size_t)((b * s->Hkv + kvh) * s->Lk * D) * esz;
 
     for (int64_t hh = 0; hh < nh; hh++) {
         const float *src = q + ((b * s->H + h0 + hh) * s->Lq + i0) * D;
@@ -205,26 +224,32 @@ static void attend_item(tile_scratch *w, float *out, const float *q, const float
     visible_keys(s, pos0, &item_lo, &tmp);
     visible_keys(s, pos_last, &tmp, &item_hi);
 
-    key_list kl = {kb, vb, NULL, 0, 0};
+    key_list kl = {kb, vb, NULL, 0, 0, s->kv_f16};
     if (nranges == 1) {
         kl.first = DHSA_MAX((int64_t)starts[0], item_lo);
         kl.n = DHSA_MAX(0, DHSA_MIN((int64_t)ends[0], item_hi) - kl.first);
-        kl.k = kb + kl.first * D;
-        kl.v = vb + kl.first * D;
+        kl.k = kb + (size_t)(kl.first * D) * esz;
+        kl.v = vb + (size_t)(kl.first * D) * esz;
     } else if (nranges > 1) {
         int64_t n = 0;
         for (int64_t rg = 0; rg < nranges; rg++) {
             const int64_t a = DHSA_MAX((int64_t)starts[rg], item_lo);
             const int64_t e = DHSA_MIN((int64_t)ends[rg], item_hi);
             if (e <= a) continue;
-            memcpy(w->kg + n * D, kb + a * D, (size_t)((e - a) * D) * sizeof(float));
-            memcpy(w->vg + n * D, vb + a * D, (size_t)((e - a) * D) * sizeof(float));
+            if (s->kv_f16) { /* gather and widen in one pass */
+                dhsa_half_to_float(w->kg + n * D, (const uint16_t *)kb + a * D, (e - a) * D);
+                dhsa_half_to_float(w->vg + n * D, (const uint16_t *)vb + a * D, (e - a) * D);
+            } else {
+                memcpy(w->kg + n * D, (const float *)kb + a * D, (size_t)((e - a) * D) * sizeof(float));
+                memcpy(w->vg + n * D, (const float *)vb + a * D, (size_t)((e - a) * D) * sizeof(float));
+            }
             for (int64_t j = a; j < e; j++) w->kpos[n++] = (int32_t)j;
         }
         kl.k = w->kg;
         kl.v = w->vg;
         kl.pos = w->kpos;
         kl.n = n;
+        kl.half = 0;
     }
     attend_keys(w, s, R, nq, pos0, &kl);
 
@@ -247,7 +272,7 @@ static int64_t heads_per_item(const tile_plan *plan, int64_t group, int64_t qtil
     return DHSA_MIN(hpi, group);
 }
 
-int dhsa_attention_dense(float *out, const float *q, const float *k, const float *v,
+int dhsa_attention_dense(float *out, const float *q, const void *k, const void *v,
                          const dhsa_attn_shape *s, int num_threads) {
     int st = dhsa_attn_shape_check(s);
     if (st != DHSA_OK) return st;
@@ -264,7 +289,7 @@ int dhsa_attention_dense(float *out, const float *q, const float *k, const float
 #pragma omp parallel num_threads(dhsa_threads_for(num_threads, items))
     {
         tile_scratch w;
-        int ok = scratch_init(&w, hpi * BQ, s->D, plan.tile_k, gather_cap) == DHSA_OK;
+        int ok = scratch_init(&w, hpi * BQ, s->D, plan.tile_k, gather_cap, s->kv_f16) == DHSA_OK;
         if (!ok) {
 #pragma omp atomic write
             status = DHSA_ENOMEM;
@@ -309,7 +334,7 @@ int dhsa_selection_check(const dhsa_selection *sel, const dhsa_attn_shape *s) {
     return DHSA_OK;
 }
 
-int dhsa_attention_sparse(float *out, const float *q, const float *k, const float *v,
+int dhsa_attention_sparse(float *out, const float *q, const void *k, const void *v,
                           const dhsa_attn_shape *s, const dhsa_selection *sel,
                           int num_threads) {
     int st = dhsa_attn_shape_check(s);
@@ -338,7 +363,7 @@ int dhsa_attention_sparse(float *out, const float *q, const float *k, const floa
 #pragma omp parallel num_threads(dhsa_threads_for(num_threads, items))
     {
         tile_scratch w;
-        int ok = scratch_init(&w, hpi * BQ, s->D, plan.tile_k, gather_cap) == DHSA_OK;
+        int ok = scratch_init(&w, hpi * BQ, s->D, plan.tile_k, gather_cap, s->kv_f16) == DHSA_OK;
         if (!ok) {
 #pragma omp atomic write
             status = DHSA_ENOMEM;

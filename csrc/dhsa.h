@@ -61,8 +61,14 @@ int dhsa_max_threads(void);
 const char *dhsa_blas_config(void);
 const char *dhsa_blas_corename(void);
 
-/* Largest float32 tensor check: 0 when every value is finite. */
+/* DHSA_OK when every value of a float32 / float16 tensor is finite. */
 int dhsa_check_finite(const float *x, int64_t n);
+int dhsa_check_finite_f16(const uint16_t *x, int64_t n);
+
+/* out (n) = x (n) widened from IEEE float16 (F16C where the CPU has it,
+ * exact bit manipulation otherwise); dhsa_half_to_float_scalar is the twin. */
+void dhsa_half_to_float(float *out, const uint16_t *x, int64_t n);
+void dhsa_half_to_float_scalar(float *out, const uint16_t *x, int64_t n);
 
 /* ---- attention (attention.c) ------------------------------------------- */
 
@@ -72,6 +78,7 @@ typedef struct {
     float softcap;  /* > 0: logits become softcap * tanh(logit / softcap) */
     int64_t window; /* > 0: sliding window (see conventions above) */
     int causal;     /* 1: key j visible only to positions >= j */
+    int kv_f16;     /* 1: k and v hold IEEE float16 (uint16_t) values */
 } dhsa_attn_shape;
 
 typedef struct {
@@ -88,15 +95,16 @@ typedef struct {
 int dhsa_attn_shape_check(const dhsa_attn_shape *s);
 
 /* out (B,H,Lq,D) = softmax(q k^T * scale [softcap] [mask]) v, tiled with an
- * online softmax; memory O(threads * tile). */
-int dhsa_attention_dense(float *out, const float *q, const float *k,
-                         const float *v, const dhsa_attn_shape *s,
+ * online softmax; memory O(threads * tile). k and v are float32, or float16
+ * when s->kv_f16 (widened tile by tile, so the cache stays half size). */
+int dhsa_attention_dense(float *out, const float *q, const void *k,
+                         const void *v, const dhsa_attn_shape *s,
                          int num_threads);
 
 /* Same as dense, but each query block attends only to its selected ranges
  * (the causal / window masks still apply per query inside them). */
-int dhsa_attention_sparse(float *out, const float *q, const float *k,
-                          const float *v, const dhsa_attn_shape *s,
+int dhsa_attention_sparse(float *out, const float *q, const void *k,
+                          const void *v, const dhsa_attn_shape *s,
                           const dhsa_selection *sel, int num_threads);
 
 /* Check a selection against a shape: offsets monotone, ranges sorted,

@@ -100,8 +100,9 @@ static int parse_threads(PyObject *obj, int *out) {
 
 /* A q / k / v argument: an ndarray of float32 or float16, 4 dimensions,
  * no empty axis. Returns a new reference to a C-contiguous aligned float32
- * array (the input itself when it already is one), or NULL. */
-static PyArrayObject *as_f32_tensor(PyObject *obj, const char *name, int *dtype_out) {
+ * array (float16 if keep_half and the input is float16; the input itself
+ * when it already is one), or NULL. */
+static PyArrayObject *as_tensor(PyObject *obj, const char *name, int *dtype_out, int keep_half) {
     if (!PyArray_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name,
                      Py_TYPE(obj)->tp_name);
@@ -128,16 +129,19 @@ static PyArrayObject *as_f32_tensor(PyObject *obj, const char *name, int *dtype_
         }
     }
     *dtype_out = t;
-    return (PyArrayObject *)PyArray_FROMANY(obj, NPY_FLOAT32, 4, 4,
+    /* float16 K/V may stay float16: the kernels widen them tile by tile */
+    const int want = (keep_half && t == NPY_FLOAT16) ? NPY_FLOAT16 : NPY_FLOAT32;
+    return (PyArrayObject *)PyArray_FROMANY(obj, want, 4, 4,
                                             NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
 }
 
 static int check_finite(PyArrayObject *a, const char *name) {
     int st;
-    const float *p = (const float *)PyArray_DATA(a);
+    const void *p = PyArray_DATA(a);
     const int64_t n = (int64_t)PyArray_SIZE(a);
+    const int half = PyArray_TYPE(a) == NPY_FLOAT16;
     Py_BEGIN_ALLOW_THREADS
-    st = dhsa_check_finite(p, n);
+    st = half ? dhsa_check_finite_f16((const uint16_t *)p, n) : dhsa_check_finite((const float *)p, n);
     Py_END_ALLOW_THREADS
     if (st != DHSA_OK) {
         PyErr_Format(PyExc_ValueError, "%s contains NaN or Inf; DHSA rejects non-finite inputs",
@@ -166,9 +170,11 @@ static int attn_args_parse(attn_args *a, PyObject *q, PyObject *k, PyObject *v, 
                            PyObject *threads, int need_v) {
     int tq = 0, tk = 0, tv = 0, given = 0;
     memset(a, 0, sizeof(*a));
-    if (!(a->q = as_f32_tensor(q, "q", &tq))) return -1;
-    if (!(a->k = as_f32_tensor(k, "k", &tk))) return -1;
-    if (need_v && !(a->v = as_f32_tensor(v, "v", &tv))) return -1;
+    /* with v (the attention kernels) float16 K/V stay float16; the
+     * prediction reads k as float32 */
+    if (!(a->q = as_tensor(q, "q", &tq, 0))) return -1;
+    if (!(a->k = as_tensor(k, "k", &tk, need_v))) return -1;
+    if (need_v && !(a->v = as_tensor(v, "v", &tv, 1))) return -1;
     if (tq != tk || (need_v && tq != tv)) {
         PyErr_SetString(PyExc_TypeError, "q, k and v must share one dtype (float32 or float16)");
         return -1;
@@ -219,6 +225,7 @@ static int attn_args_parse(attn_args *a, PyObject *q, PyObject *k, PyObject *v, 
     a->shape.Lk = ks[2];
     a->shape.D = qs[3];
     a->shape.causal = causal ? 1 : 0;
+    a->shape.kv_f16 = PyArray_TYPE(a->k) == NPY_FLOAT16;
 
     double sc = 1.0 / sqrt((double)qs[3]), cap = 0.0;
     int64_t win = 0;
@@ -450,7 +457,7 @@ static PyObject *py_count_pairs(PyObject *self, PyObject *args, PyObject *kwargs
                                      &window))
         return NULL;
     shape.B = B; shape.H = H; shape.Hkv = Hkv; shape.Lq = Lq; shape.Lk = Lk; shape.D = 1;
-    shape.scale = 1.0f; shape.causal = causal;
+    shape.scale = 1.0f; shape.causal = causal; shape.kv_f16 = 0;
     if (parse_int_opt(window, "window", 1, &shape.window, &given) < 0) goto done;
     if (dhsa_attn_shape_check(&shape) != DHSA_OK) {
         PyErr_SetString(PyExc_ValueError, "count_pairs: inconsistent B, H, Hkv, Lq, Lk");
@@ -792,6 +799,7 @@ static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "dhsa._core",
 
 PyMODINIT_FUNC PyInit__core(void) {
     import_array();
+    (void)dhsa_simd_available(); /* CPU features read once, before any thread */
     /* our threads call BLAS; BLAS itself must not spawn more */
     DHSA_BLAS(openblas_set_num_threads)(1);
     return PyModule_Create(&moduledef);

@@ -16,6 +16,7 @@
  * below -87.3 (including -inf from masks) give exactly 0.
  */
 #include <math.h>
+#include <string.h>
 #include "internal.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -29,6 +30,7 @@ static int g_force_scalar = 0;
 static int g_cpu_checked = 0;
 static int g_cpu_avx2 = 0;
 static int g_cpu_avx512 = 0;
+static int g_cpu_f16c = 0;
 
 int dhsa_simd_available(void) {
 #if DHSA_HAVE_AVX2_BUILD
@@ -36,6 +38,7 @@ int dhsa_simd_available(void) {
         __builtin_cpu_init();
         g_cpu_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
         g_cpu_avx512 = g_cpu_avx2 && __builtin_cpu_supports("avx512f");
+        g_cpu_f16c = g_cpu_avx2 && __builtin_cpu_supports("f16c");
         g_cpu_checked = 1;
     }
     return g_cpu_avx2;
@@ -81,6 +84,29 @@ void dhsa_row_softcap_scalar(float *x, int64_t n, float cap) {
 
 void dhsa_row_scale_scalar(float *x, int64_t n, float a) {
     for (int64_t i = 0; i < n; i++) x[i] *= a;
+}
+
+/* IEEE half -> float by the bits: sign, exponent rebias, subnormals
+ * normalised; Inf/NaN kept (inputs are checked finite before, anyway). */
+void dhsa_half_to_float_scalar(float *out, const uint16_t *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t h = x[i], sign = (h & 0x8000u) << 16;
+        uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+        if (exp == 0) {
+            if (man == 0) {
+                bits = sign;
+            } else { /* subnormal: shift the mantissa up to a normal float */
+                exp = 113;
+                while (!(man & 0x400u)) { man <<= 1; exp--; }
+                bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+            }
+        } else if (exp == 31) {
+            bits = sign | 0x7f800000u | (man << 13);
+        } else {
+            bits = sign | ((exp + 112) << 23) | (man << 13);
+        }
+        memcpy(&out[i], &bits, sizeof(float));
+    }
 }
 
 /* ---- AVX2 / FMA -------------------------------------------------------- */
@@ -244,6 +270,23 @@ AVX512 static void row_scale_avx512(float *x, int64_t n, float a) {
     for (; i < n; i++) x[i] *= a;
 }
 #endif /* DHSA_HAVE_AVX2_BUILD */
+
+#if DHSA_HAVE_AVX2_BUILD
+__attribute__((target("avx2,f16c"))) static void half_to_float_f16c(float *out, const uint16_t *x,
+                                                                   int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
+    dhsa_half_to_float_scalar(out + i, x + i, n - i);
+}
+#endif
+
+void dhsa_half_to_float(float *out, const uint16_t *x, int64_t n) {
+#if DHSA_HAVE_AVX2_BUILD
+    if (use_simd() && g_cpu_f16c) { half_to_float_f16c(out, x, n); return; }
+#endif
+    dhsa_half_to_float_scalar(out, x, n);
+}
 
 /* ---- dispatch ---------------------------------------------------------- */
 

@@ -43,3 +43,14 @@ int dhsa_check_finite(const float *x, int64_t n) {
     }
     return DHSA_OK;
 }
+
+int dhsa_check_finite_f16(const uint16_t *x, int64_t n) {
+    const int64_t step = 4096;
+    for (int64_t i0 = 0; i0 < n; i0 += step) {
+        const int64_t i1 = DHSA_MIN(n, i0 + step);
+        uint32_t bad = 0;
+        for (int64_t i = i0; i < i1; i++) bad |= (uint32_t)((x[i] & 0x7c00u) == 0x7c00u);
+        if (bad) return DHSA_ENONFINITE;
+    }
+    return DHSA_OK;
+}
