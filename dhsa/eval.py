@@ -133,13 +133,14 @@ def _generate(model, ids, max_new_tokens: int) -> List[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def _with_method(model, method: str, budget: int, base: Optional[DHSAConfig], fn, **patch_kw):
+def _with_method(model, method: str, budget: int, base: Optional[DHSAConfig], fn,
+                 dense_layers: int = 0, **patch_kw):
     """Run fn() with the model patched for ``method`` (dense: unpatched)."""
     from . import patching
     cfg = method_config(method, budget, base)
     if cfg is None:
         return fn(), None
-    handle = patching.patch(model, cfg, **patch_kw)
+    handle = patching.patch(model, cfg, dense_layers=range(dense_layers), **patch_kw)
     try:
         return fn(), handle.mean_density()
     finally:
@@ -149,7 +150,7 @@ def _with_method(model, method: str, budget: int, base: Optional[DHSAConfig], fn
 def run_niah(model, tokenizer, *, methods: Sequence[str], lengths: Sequence[int],
              depths: Sequence[float], budget: int, haystack_dir: Optional[str] = None,
              base: Optional[DHSAConfig] = None, max_new_tokens: int = 24,
-             oracle_max_len: int = 2048, log=print) -> List[Dict]:
+             oracle_max_len: int = 2048, dense_layers: int = 0, log=print) -> List[Dict]:
     """Every (method, length, depth) cell: answer, score 0-10, density, time."""
     hay = haystack_text(haystack_dir, n_chars=8 * max(lengths) + 10_000)
     cells = []
@@ -161,7 +162,8 @@ def run_niah(model, tokenizer, *, methods: Sequence[str], lengths: Sequence[int]
                     continue
                 t = time.perf_counter()
                 toks, density = _with_method(model, m, budget, base,
-                                             lambda: _generate(model, ids, max_new_tokens))
+                                             lambda: _generate(model, ids, max_new_tokens),
+                                             dense_layers=dense_layers)
                 dt = time.perf_counter() - t
                 answer = " ".join(tokenizer.decode(toks, skip_special_tokens=True).split())
                 cell = {"method": m, "length": int(ids.shape[1]), "target_length": L,
@@ -176,7 +178,7 @@ def run_niah(model, tokenizer, *, methods: Sequence[str], lengths: Sequence[int]
 
 def run_ppl(model, tokenizer, *, methods: Sequence[str], budgets: Sequence[int], length: int,
             haystack_dir: Optional[str] = None, base: Optional[DHSAConfig] = None,
-            log=print) -> List[Dict]:
+            dense_layers: int = 0, log=print) -> List[Dict]:
     """Perplexity of ``length`` tokens of long text per method and budget."""
     import torch
     text = haystack_text(haystack_dir, n_chars=8 * length + 10_000)
@@ -193,7 +195,7 @@ def run_ppl(model, tokenizer, *, methods: Sequence[str], budgets: Sequence[int],
             if m == "oracle" and ids.shape[1] > 2048:
                 continue
             t = time.perf_counter()
-            loss, density = _with_method(model, m, b or 0, base, nll)
+            loss, density = _with_method(model, m, b or 0, base, nll, dense_layers=dense_layers)
             rows.append({"method": m, "budget": b, "length": int(ids.shape[1]), "nll": loss,
                          "ppl": math.exp(loss), "density": density,
                          "seconds": time.perf_counter() - t})
@@ -249,6 +251,8 @@ def _common(p: argparse.ArgumentParser, budgets: bool = True) -> None:
     p.add_argument("--local", type=int, default=None)
     p.add_argument("--granularity", default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dense-layers", type=int, default=0,
+                   help="keep the first N layers exact under every sparse method")
 
 
 def _base(args) -> DHSAConfig:
@@ -287,7 +291,7 @@ def niah_run(args) -> int:
     model, tok = load_smollm2()
     cells = run_niah(model, tok, methods=args.methods, lengths=args.lengths, depths=args.depths,
                      budget=args.budget, haystack_dir=args.haystack_dir, base=_base(args),
-                     max_new_tokens=args.max_new_tokens)
+                     max_new_tokens=args.max_new_tokens, dense_layers=args.dense_layers)
     f = _save(args.out, "niah", {**_meta(args), "cells": cells})
     print(f"wrote {f}")
     try:
@@ -313,7 +317,8 @@ def ppl_run(args) -> int:
     from .models import load_smollm2
     model, tok = load_smollm2()
     rows = run_ppl(model, tok, methods=args.methods, budgets=args.budgets, length=args.length,
-                   haystack_dir=args.haystack_dir, base=_base(args))
+                   haystack_dir=args.haystack_dir, base=_base(args),
+                   dense_layers=args.dense_layers)
     print(f"wrote {_save(args.out, 'ppl', {**_meta(args), 'rows': rows})}")
     return 0
 

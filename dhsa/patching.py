@@ -25,8 +25,9 @@ GQA runs natively (K/V are never repeated). ``scaling`` (Gemma's
 ``query_pre_attn_scalar``), ``softcap`` (Gemma-2 logit capping) and
 ``sliding_window`` arrive as keyword arguments from the model and are passed
 to the core. float32 and float16 tensors reach the core without a copy on the
-PyTorch side (the core makes its own contiguous float32 copy when needed);
-bfloat16 is converted to float32 at the boundary and back.
+PyTorch side (the core makes a contiguous copy of a strided query; float16
+K/V stay float16 inside the kernels); bfloat16 is converted to float32 at
+the boundary and back.
 
 Padding. The attention mask (4-D, boolean or additive float) is analysed per
 batch item: the item's real keys must form one contiguous span and its real
