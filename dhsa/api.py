@@ -170,8 +170,9 @@ def predict_selection(q: np.ndarray, k: np.ndarray, config: Optional[DHSAConfig]
     ``boundaries`` overrides the chunking: one 1-D array of bounds
     (0 = b0 < ... < bN = Lk) for every chunking group, or one per (batch,
     chunk group). ``return_scores=True`` also fills ``chunk_scores``
-    (groups, blocks, chunks; NaN where a chunk is out of reach) - meant for
-    inspection of short inputs.
+    (groups, blocks, chunks; NaN for chunks that start after the block's last
+    allowed key; chunks inside the sink or local window are scored too, though
+    always kept) - meant for inspection of short inputs.
     """
     config = _check_config(config)
     qs, ks = _shape_of("q", q), _shape_of("k", k)

@@ -58,7 +58,7 @@ class DHSAConfig:
     mean key of the ``boundary_window`` keys after a position departs from
     the mean of those before it (score = 1 - cosine of the two, centred,
     >= ``threshold``, a local maximum within ``nms_radius``), with chunks of
-    ``min_chunk`` to ``max_chunk`` keys and at most ``max_chunks`` chunks;
+    ``min_chunk`` to ``max_chunk`` keys (the last chunk may be shorter) and at most ``max_chunks`` chunks;
     ``chunking="fixed"`` cuts every ``chunk_size`` keys.
 
     ``granularity``: one selection per layer (heads averaged), per KV head

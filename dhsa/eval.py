@@ -272,9 +272,15 @@ def _save(out: str, name: str, doc: Dict) -> Path:
 def _meta(args) -> Dict:
     import platform
     import sys
+    cpu = ""
+    try:
+        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+               if l.startswith("model name")][0]
+    except (OSError, IndexError):
+        pass
     return {"command": " ".join(["python -m dhsa"] + sys.argv[1:]),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+            "machine": f"{cpu} ({platform.machine()}, {os.cpu_count()} cores), {platform.platform()}",
             "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
 
 

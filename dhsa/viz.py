@@ -50,8 +50,9 @@ def plot_selection(selection, *, Lk: Optional[int] = None, batch: int = 0,
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(11, 4.5), dpi=100)
     G = selection.groups
     im = ax.imshow(img, aspect="auto", cmap="Blues", interpolation="nearest", vmin=0,
-                   vmax=G * 1.1, extent=(0, img.shape[1], selection.num_blocks, 0))
-    fig.colorbar(im, ax=ax, pad=0.01).set_label(f"groups keeping the key (of {G})")
+                   vmax=G, extent=(0, img.shape[1], selection.num_blocks, 0))
+    cb = fig.colorbar(im, ax=ax, pad=0.01, ticks=range(0, G + 1, max(1, G // 8)))
+    cb.set_label(f"groups keeping the key (of {G})")
     if selection.boundaries:
         idx = batch * selection.chunk_groups + chunk_group
         if idx < len(selection.boundaries):
@@ -140,18 +141,23 @@ def plot_recall_curves(rows: Iterable[Mapping], *, x: str = "budget", y: str = "
     return fig
 
 
-def plot_layer_stats(values: np.ndarray, *, label: str = "recall", title: str = ""):
+def plot_layer_stats(values: np.ndarray, *, label: str = "recall", title: str = "",
+                     rows: Optional[Sequence] = None):
     """(layers, heads) matrix (density, recall, ...) as a heat map with the
-    per-layer mean beside it."""
+    per-layer mean beside it; ``rows`` labels the layers (default 0..n-1)."""
     plt = _plt()
     values = np.asarray(values, dtype=float)
+    rows = list(range(values.shape[0])) if rows is None else list(rows)
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100,
                                  gridspec_kw={"width_ratios": [3, 1]})
     im = a0.imshow(values, aspect="auto", cmap="magma", interpolation="nearest")
     fig.colorbar(im, ax=a0, pad=0.01).set_label(label)
+    a0.set_xticks(range(values.shape[1]))
+    a0.set_yticks(range(values.shape[0]), [str(r) for r in rows])
     a0.set_xlabel("head")
     a0.set_ylabel("layer")
     a1.barh(np.arange(values.shape[0]), values.mean(axis=1), color="tab:blue")
+    a1.set_yticks(range(values.shape[0]), [str(r) for r in rows])
     a1.set_ylim(values.shape[0] - 0.5, -0.5)
     a1.set_xlabel(f"mean {label}")
     fig.suptitle(title or f"{label} per layer and head")
