@@ -86,7 +86,9 @@ def run_capped(cases):
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(dhsa.__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], env=env,
+    # cwd = where the imported dhsa lives: `python -c` puts the cwd first on
+    # sys.path, and a source checkout there has no built extension
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"child died ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
