@@ -1,6 +1,7 @@
 """Nothing leaks (issue 8): thousands of calls of every public function, on
 success and on every kind of error path, leave the reference counts of the
-inputs, the Python heap (tracemalloc) and the process RSS flat.
+inputs, the malloc heap (C core included), the Python heap (tracemalloc) and
+the process RSS flat.
 
 Each case runs a warm-up (thread pools, BLAS buffers and malloc arenas reach
 their steady size), then ``N_RSS`` calls measured by the bytes glibc's
@@ -28,12 +29,12 @@ import dhsa
 from dhsa import _core
 from conftest import make_qkv
 
-N_WARMUP = 60
-N_RSS = 800
+N_WARMUP = 30
+N_RSS = 600
 N_TRACED = 200
 RSS_LIMIT = 3 * 2**20       # bytes over the whole measured loop
-HEAP_LIMIT = 1 * 2**20      # malloc bytes in use after it
-TRACED_LIMIT = 64 * 2**10   # bytes of Python heap still allocated after it
+HEAP_LIMIT = 64 * 2**10     # malloc bytes in use after it (noise: < 100 bytes)
+TRACED_LIMIT = 16 * 2**10   # bytes of Python heap still allocated after it (noise: ~1 KiB)
 
 UNDER_SANITIZER = os.environ.get("DHSA_UNDER_SANITIZER") == "1"
 
@@ -176,8 +177,12 @@ CASES = ["dense_f32", "dense_f16_fortran", "sparse_predicted", "sparse_f16_predi
          "config_type_error"]
 
 
-# the baselines run in Python: a quarter of the calls
-SLOW = {"predict_streaming": 4}
+# a third of the calls where an OpenMP team of every core runs (the pair count
+# of a prediction ignores num_threads): on a loaded machine each team start
+# can wait a scheduler tick; and the baselines run in Python
+SLOW = {name: 3 for name in ("dense_f32", "sparse_predicted", "sparse_f16_predicted",
+                             "predict_scores", "predict_bounds", "predict_streaming",
+                             "count_pairs")}
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -198,7 +203,6 @@ def test_no_leak(name):
     tracemalloc.start()
     try:
         call()
-        gc.collect()
         base = tracemalloc.get_traced_memory()[0]
         for _ in range(n_traced):
             call()

@@ -23,7 +23,7 @@ from hypothesis import given, settings, strategies as st
 import dhsa
 from dhsa import reference
 from conftest import assert_selection_equal, make_qkv, reference_predict, rel_err
-from _layouts import LAYOUTS, assert_unchanged, snapshot, with_layout
+from _layouts import LAYOUTS, assert_unchanged, snapshot, unaligned_copy, with_layout
 
 F32_TOL = 1e-5
 F16_TOL = 2e-3
@@ -201,15 +201,10 @@ def _index_array(values, dtype, kind, rng):
     if kind == "negative":
         return a[::-1].copy()[::-1]
     if kind == "unaligned":
-        return a if dt.itemsize == 1 else _unaligned_1d(a, int(rng.integers(1, dt.itemsize)))
+        return a if dt.itemsize == 1 else unaligned_copy(a, int(rng.integers(1, dt.itemsize)))
     if kind == "readonly":
         a.flags.writeable = False
     return a
-
-
-def _unaligned_1d(a, offset):
-    from _layouts import unaligned_copy
-    return unaligned_copy(a, offset)
 
 
 @st.composite

@@ -196,8 +196,10 @@ def qkv(src: Source, rng, shape, need_v=True):
     dts = [dt, dt, dt] if not src.chance(src.wild / 2) else [src.pick(F_DTYPES) for _ in range(3)]
     q = tensor(src, rng, (B, H, Lq, D), dts[0])
     k = tensor(src, rng, (B, Hkv, Lk, D), dts[1])
-    v = tensor(src, rng, (B, Hkv, Lk + (1 if src.chance(src.wild / 3) else 0), D), dts[2]) if need_v \
-        else None
+    v = None
+    if need_v:  # now and then one key too many
+        Lv = Lk + (1 if src.chance(src.wild / 3) else 0)
+        v = tensor(src, rng, (B, Hkv, Lv, D), dts[2])
     return q, k, v
 
 
