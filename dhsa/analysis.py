@@ -12,6 +12,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import numpy as np
 
 from .api import Selection, dense_attention, sparse_attention
+from .reference import visible_rows
 
 __all__ = ["attention_recall", "output_error", "capture_qkv", "dense_probabilities",
            "recall_from_probabilities"]
@@ -44,7 +45,7 @@ def attention_recall(q: np.ndarray, k: np.ndarray, selection: Selection, *,
     out = np.zeros((B, H))
     for qb in range(selection.num_blocks):
         r0, r1 = qb * bs, min(Lq, (qb + 1) * bs)
-        vis = _rows_visible(Lq, Lk, r0, r1, causal, window)
+        vis = visible_rows(Lq, Lk, r0, r1, causal, window)
         for b in range(B):
             for h in range(H):
                 logits = q[b, h, r0:r1] @ k[b, h // G].T * scale
@@ -59,19 +60,6 @@ def attention_recall(q: np.ndarray, k: np.ndarray, selection: Selection, *,
                     keep[a:e] = True
                 out[b, h] += p[:, keep].sum()
     return out / Lq
-
-
-def _rows_visible(Lq, Lk, r0, r1, causal, window):
-    p = np.arange(Lk - Lq + r0, Lk - Lq + r1)[:, None]
-    j = np.arange(Lk)[None, :]
-    m = np.ones((r1 - r0, Lk), dtype=bool)
-    if causal:
-        m &= j <= p
-    if window is not None:
-        m &= j > p - window
-        if not causal:
-            m &= j < p + window
-    return m
 
 
 def dense_probabilities(q: np.ndarray, k: np.ndarray, *, scale: Optional[float] = None,

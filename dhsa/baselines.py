@@ -23,23 +23,12 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from .config import DHSAConfig
+from .reference import _block_geometry as _geometry
+from .reference import visible_rows as _visible
 
 __all__ = ["baseline_ranges"]
 
 Range = Tuple[int, int]
-
-
-def _geometry(Lq: int, Lk: int, bs: int, qb: int, causal: bool, window: Optional[int]):
-    i0 = qb * bs
-    nq = min(bs, Lq - i0)
-    spos = Lk - Lq + i0
-    epos = spos + nq - 1
-    lo = max(0, spos - window + 1) if window else 0
-    if causal:
-        hi = epos + 1
-    else:
-        hi = min(Lk, epos + window) if window else Lk
-    return i0, nq, spos, epos, lo, hi
 
 
 def _budget(cfg: DHSAConfig, allowed: int) -> int:
@@ -97,19 +86,6 @@ def _softmax_rows(s: np.ndarray, mask: np.ndarray) -> np.ndarray:
     p = np.exp(s - m)
     z = p.sum(axis=1, keepdims=True)
     return np.divide(p, z, out=np.zeros_like(p), where=z > 0)
-
-
-def _visible(Lq, Lk, r0, r1, causal, window):
-    p = np.arange(Lk - Lq + r0, Lk - Lq + r1)[:, None]
-    j = np.arange(Lk)[None, :]
-    m = np.ones((r1 - r0, Lk), dtype=bool)
-    if causal:
-        m &= j <= p
-    if window is not None:
-        m &= j > p - window
-        if not causal:
-            m &= j < p + window
-    return m
 
 
 def baseline_ranges(method: str, q: np.ndarray, k: np.ndarray, cfg: DHSAConfig, *,

@@ -28,14 +28,12 @@ GRANULARITIES = ("layer", "kv_head", "query_head")
 BUDGET_MODES = ("tokens", "density", "adaptive")
 
 
-def visible_mask(Lq: int, Lk: int, causal: bool = True, window: Optional[int] = None) -> np.ndarray:
-    """(Lq, Lk) bool: key j visible to query i at position p = Lk - Lq + i.
-
-    causal: j <= p. window w: j > p - w, and if not causal also j < p + w.
-    """
-    p = np.arange(Lk - Lq, Lk)[:, None]
+def visible_rows(Lq: int, Lk: int, r0: int, r1: int, causal: bool = True,
+                 window: Optional[int] = None) -> np.ndarray:
+    """(r1 - r0, Lk) bool: the rows r0..r1-1 of :func:`visible_mask`."""
+    p = np.arange(Lk - Lq + r0, Lk - Lq + r1)[:, None]
     j = np.arange(Lk)[None, :]
-    m = np.ones((Lq, Lk), dtype=bool)
+    m = np.ones((r1 - r0, Lk), dtype=bool)
     if causal:
         m &= j <= p
     if window is not None:
@@ -43,6 +41,14 @@ def visible_mask(Lq: int, Lk: int, causal: bool = True, window: Optional[int] = 
         if not causal:
             m &= j < p + window
     return m
+
+
+def visible_mask(Lq: int, Lk: int, causal: bool = True, window: Optional[int] = None) -> np.ndarray:
+    """(Lq, Lk) bool: key j visible to query i at position p = Lk - Lq + i.
+
+    causal: j <= p. window w: j > p - w, and if not causal also j < p + w.
+    """
+    return visible_rows(Lq, Lk, 0, Lq, causal, window)
 
 
 def _attend(q, k, v, mask, scale, softcap):
