@@ -39,16 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", default=None,
                    help="thread counts, comma separated (default: usable CPUs)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per case (min reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls first")
-    p.add_argument("--max-seconds", type=float, default=30.0,
-                   help="stop repeating a case once its timed calls add up to this")
-    p.add_argument("--extra-repeats", type=int, default=None,
-                   help="more timed calls allowed while the best one was contended by other "
-                        "processes (default: --repeats)")
-    p.add_argument("--quiet-wait", type=float, default=5.0,
-                   help="before each case, wait up to this many seconds for other processes "
-                        "to leave the CPUs (default: %(default)s)")
+    common.add_timing_arguments(p, repeats=5, scope="case")
     p.add_argument("--numpy-max-len", type=common.parse_length, default=2048,
                    help="run the float64 NumPy reference only up to this L (O(L^2) memory)")
     p.add_argument("--numpy-repeats", type=int, default=1,

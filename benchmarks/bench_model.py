@@ -40,7 +40,8 @@ def _child(spec: dict) -> dict:
 
     import dhsa
     from dhsa import patching
-    from dhsa.demo import _forward_kwargs, _peak_rss_mib, _reset_peak_rss, _rss_kib
+    from dhsa.demo import _forward_kwargs
+    from dhsa.memory import peak_rss_mib as _peak_rss_mib, reset_peak_rss as _reset_peak_rss, rss_kib as _rss_kib
     from dhsa.eval import haystack_text
 
     torch.set_num_threads(spec["threads"])

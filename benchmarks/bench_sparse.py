@@ -53,16 +53,7 @@ def parse_args(argv=None):
                    help="DHSA token budgets per query block (default: %(default)s)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="threads (default: usable CPUs)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per case (min reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls first")
-    p.add_argument("--max-seconds", type=float, default=30.0,
-                   help="stop repeating a case once its timed calls add up to this")
-    p.add_argument("--extra-repeats", type=int, default=None,
-                   help="more timed calls allowed while the best one was contended by other "
-                        "processes (default: --repeats)")
-    p.add_argument("--quiet-wait", type=float, default=5.0,
-                   help="before each length, wait up to this many seconds for other processes "
-                        "to leave the CPUs (default: %(default)s)")
+    common.add_timing_arguments(p, repeats=3, scope="length")
     p.add_argument("--max-dense-len", type=common.parse_length, default=16384,
                    help="skip the dense C kernel beyond this L (default: %(default)s)")
     p.add_argument("--max-torch-len", type=common.parse_length, default=None,

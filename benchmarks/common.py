@@ -448,6 +448,21 @@ class SgemmPeak:
 # FLOP counting
 # ----------------------------------------------------------------------------
 
+def add_timing_arguments(p, repeats: int, scope: str) -> None:
+    """The timing options both attention benchmarks share."""
+    p.add_argument("--repeats", type=int, default=repeats,
+                   help="timed calls per case (min reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first")
+    p.add_argument("--max-seconds", type=float, default=30.0,
+                   help="stop repeating a case once its timed calls add up to this")
+    p.add_argument("--extra-repeats", type=int, default=None,
+                   help="more timed calls allowed while the best one was contended by other "
+                        "processes (default: --repeats)")
+    p.add_argument("--quiet-wait", type=float, default=5.0,
+                   help=f"before each {scope}, wait up to this many seconds for other "
+                        "processes to leave the CPUs (default: %(default)s)")
+
+
 def causal_pairs(Lq: int, Lk: Optional[int] = None, causal: bool = True) -> int:
     """Query-key pairs one head computes: queries are the last Lq of Lk
     positions; causal keeps key j <= position p. L(L+1)/2 for Lq = Lk = L."""
@@ -551,21 +566,8 @@ def fmt_len(L: int) -> str:
 # peak memory in a subprocess
 # ----------------------------------------------------------------------------
 
-def _status_kib(field_name: str) -> Optional[int]:
-    for line in _read("/proc/self/status").splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    return None
-
-
-def _reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0, own process)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from dhsa.memory import reset_peak_rss as _reset_hwm  # noqa: E402
+from dhsa.memory import rss_kib as _status_kib  # noqa: E402
 
 
 MEM_METHODS = ("dhsa", "predict", "dense", "torch", "numpy")

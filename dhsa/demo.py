@@ -24,10 +24,11 @@ import json
 import os
 import random
 import re
-import resource
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from .memory import peak_rss_mib, reset_peak_rss, rss_kib
 
 __all__ = ["add_arguments", "build_prompt", "filler_sentences", "greedy_generate",
            "needle_coverage", "plot_selection", "run", "run_demo"]
@@ -131,32 +132,8 @@ def build_prompt(tokenizer, context: int, passkey: str, depth: float = 0.5, seed
 
 # ------------------------------------------------------------------ memory, generation
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _peak_rss_mib() -> float:
-    hwm = _rss_kib("VmHWM")
-    if hwm is None:
-        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return hwm / 1024.0
+# kept under their old names for scripts that import them from here
+_reset_peak_rss, _rss_kib, _peak_rss_mib = reset_peak_rss, rss_kib, peak_rss_mib
 
 
 def _forward_kwargs(model) -> Tuple[str, Optional[str]]:
