@@ -144,11 +144,46 @@ static int64_t key_lower_bound(const key_list *kl, int64_t a, int64_t b, int64_t
     return a;
 }
 
+/* Range guard. Every float32 intermediate must stay finite for finite
+ * inputs: |S| and every partial sum of q.k are at most
+ * scale * D * max|q| * max|k| (refused above 2**126, so S - m stays finite
+ * too); the weights p are at most 1, so l <= Lk and |O| <= l * max|v|. A v
+ * too large for that is handled by multiplying p (and so l) by 2**-e: O and l
+ * scale alike and O / l is unchanged. Scale above 1 goes into sgemm's alpha
+ * instead of into q, so q * scale cannot overflow on its own. */
+typedef struct {
+    float q_scale;   /* multiplies q when it is gathered */
+    float s_alpha;   /* sgemm alpha of S = Q K^T */
+    float p_factor;  /* 2**-e multiplying every softmax weight (1: none) */
+} attn_ranges;
+
+static int attn_ranges_check(attn_ranges *r, const float *q, const void *k, const void *v,
+                             const dhsa_attn_shape *s) {
+    const int64_t nq = s->B * s->H * s->Lq * s->D, nk = s->B * s->Hkv * s->Lk * s->D;
+    float mq = 0.0f, mk = 0.0f, mv = 0.0f;
+    int st = dhsa_max_abs(q, nq, &mq);
+    if (st == DHSA_OK)
+        st = s->kv_f16 ? dhsa_max_abs_f16((const uint16_t *)k, nk, &mk)
+                       : dhsa_max_abs((const float *)k, nk, &mk);
+    if (st == DHSA_OK)
+        st = s->kv_f16 ? dhsa_max_abs_f16((const uint16_t *)v, nk, &mv)
+                       : dhsa_max_abs((const float *)v, nk, &mv);
+    if (st != DHSA_OK) return st;
+    const double limit = ldexp(1.0, 126);
+    if ((double)s->scale * (double)s->D * (double)mq * (double)mk > limit) return DHSA_ERANGE;
+    r->q_scale = s->scale <= 1.0f ? s->scale : 1.0f;
+    r->s_alpha = s->scale <= 1.0f ? 1.0f : s->scale;
+    r->p_factor = 1.0f;
+    const double o_bound = (double)s->Lk * (double)mv;
+    if (o_bound > limit) r->p_factor = (float)ldexp(1.0, -(int)ceil(log2(o_bound / limit)));
+    return DHSA_OK;
+}
+
 /* Online-softmax pass of R = nh * nq rows (pre-scaled queries in w->qt,
  * row r is query r % nq at position pos0 + r % nq) over a key list, in tiles
  * of w->tile_k keys: S = Q K^T and O += P V by sgemm. */
-static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, int64_t R, int64_t nq,
-                        int64_t pos0, const key_list *kl) {
+static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, const attn_ranges *rg,
+                        int64_t R, int64_t nq, int64_t pos0, const key_list *kl) {
     const int64_t D = s->D, TK = w->tile_k, pos_last = pos0 + nq - 1;
     int64_t lo0, hi0, lo1, hi1;
     visible_keys(s, pos0, &lo0, &hi0);
@@ -167,8 +202,8 @@ static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, int64_t R, in
             kt = (const float *)kl->k + t0 * D;
             vt = (const float *)kl->v + t0 * D;
         }
-        dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)R, (int)nk, (int)D, 1.0f,
-                   w->qt, (int)D, kt, (int)D, 0.0f, w->s, (int)TK);
+        dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)R, (int)nk, (int)D,
+                   rg->s_alpha, w->qt, (int)D, kt, (int)D, 0.0f, w->s, (int)TK);
         for (int64_t r = 0; r < R; r++) {
             float *srow = w->s + r * TK;
             int64_t ja = 0, jb = nk; /* visible columns of this row */
@@ -184,7 +219,11 @@ static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, int64_t R, in
             }
             const float rmax = dhsa_row_max(srow + ja, jb - ja);
             const float m_new = rmax > w->m[r] ? rmax : w->m[r];
-            const float sum = dhsa_row_exp_sum(srow, nk, m_new);
+            float sum = dhsa_row_exp_sum(srow, nk, m_new);
+            if (rg->p_factor != 1.0f) { /* huge v only: see attn_ranges */
+                dhsa_row_scale(srow, nk, rg->p_factor);
+                sum *= rg->p_factor;
+            }
             const float alpha = expf(w->m[r] - m_new); /* 0 on the first tile */
             if (alpha != 1.0f) dhsa_row_scale(w->o + r * D, D, alpha);
             w->l[r] = w->l[r] * alpha + sum;
@@ -202,7 +241,8 @@ static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, int64_t R, in
  * gathered into contiguous scratch (O(keys * D), against O(rows * keys * D)
  * of compute) so every sgemm sees full tiles, not one chunk at a time. */
 static void attend_item(tile_scratch *w, float *out, const float *q, const void *k,
-                        const void *v, const dhsa_attn_shape *s, int64_t b, int64_t h0,
+                        const void *v, const dhsa_attn_shape *s, const attn_ranges *rg,
+                        int64_t b, int64_t h0,
                         int64_t nh, int64_t kvh, int64_t i0, int64_t nq,
                         const int32_t *starts, const int32_t *ends, int64_t nranges) {
     const int64_t D = s->D, R = nh * nq;
@@ -214,7 +254,7 @@ static void attend_item(tile_scratch *w, float *out, const float *q, const void 
     for (int64_t hh = 0; hh < nh; hh++) {
         const float *src = q + ((b * s->H + h0 + hh) * s->Lq + i0) * D;
         float *dst = w->qt + hh * nq * D;
-        for (int64_t x = 0; x < nq * D; x++) dst[x] = src[x] * s->scale;
+        for (int64_t x = 0; x < nq * D; x++) dst[x] = src[x] * rg->q_scale;
     }
     memset(w->o, 0, (size_t)(R * D) * sizeof(float));
     for (int64_t r = 0; r < R; r++) { w->m[r] = -INFINITY; w->l[r] = 0.0f; }
@@ -251,7 +291,7 @@ static void attend_item(tile_scratch *w, float *out, const float *q, const void 
         kl.n = n;
         kl.half = 0;
     }
-    attend_keys(w, s, R, nq, pos0, &kl);
+    attend_keys(w, s, rg, R, nq, pos0, &kl);
 
     for (int64_t hh = 0; hh < nh; hh++) {
         float *dst = out + ((b * s->H + h0 + hh) * s->Lq + i0) * D;
@@ -277,6 +317,9 @@ int dhsa_attention_dense(float *out, const float *q, const void *k, const void *
     int st = dhsa_attn_shape_check(s);
     if (st != DHSA_OK) return st;
     if (!out || !q || !k || !v || num_threads < 1) return DHSA_EINVAL;
+    attn_ranges rg;
+    st = attn_ranges_check(&rg, q, k, v, s);
+    if (st != DHSA_OK) return st;
 
     const tile_plan plan = plan_tiles();
     const int64_t G = s->H / s->Hkv, BQ = plan.tile_q;
@@ -308,7 +351,7 @@ int dhsa_attention_dense(float *out, const float *q, const void *k, const void *
             visible_keys(s, pos0, &lo, &tmp);
             visible_keys(s, pos_last, &tmp, &hi);
             const int32_t start = (int32_t)lo, end = (int32_t)hi;
-            attend_item(&w, out, q, k, v, s, b, h0, nh, kvh, i0, nq, &start, &end, 1);
+            attend_item(&w, out, q, k, v, s, &rg, b, h0, nh, kvh, i0, nq, &start, &end, 1);
         }
         scratch_free(&w);
     }
@@ -341,6 +384,9 @@ int dhsa_attention_sparse(float *out, const float *q, const void *k, const void 
     if (st != DHSA_OK) return st;
     if (!out || !q || !k || !v || num_threads < 1) return DHSA_EINVAL;
     st = dhsa_selection_check(sel, s);
+    if (st != DHSA_OK) return st;
+    attn_ranges rg;
+    st = attn_ranges_check(&rg, q, k, v, s);
     if (st != DHSA_OK) return st;
 
     const tile_plan plan = plan_tiles();
@@ -380,7 +426,7 @@ int dhsa_attention_sparse(float *out, const float *q, const void *k, const void 
             const int64_t sg = SG == 1 ? 0 : (SG == s->Hkv ? kvh : h0);
             const int64_t idx = (b * SG + sg) * nqt + qt;
             const int64_t r0 = sel->offsets[idx], nr = sel->offsets[idx + 1] - r0;
-            attend_item(&w, out, q, k, v, s, b, h0, nh, kvh, i0, nq,
+            attend_item(&w, out, q, k, v, s, &rg, b, h0, nh, kvh, i0, nq,
                         sel->starts + r0, sel->ends + r0, nr);
         }
         scratch_free(&w);

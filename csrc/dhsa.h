@@ -39,6 +39,7 @@ enum dhsa_status {
     DHSA_ENOMEM = 2,     /* an allocation failed */
     DHSA_ENONFINITE = 3, /* an input holds NaN or Inf */
     DHSA_EOVERFLOW = 4,  /* a size product does not fit the index type */
+    DHSA_ERANGE = 5,     /* finite values whose float32 logits could overflow */
 };
 
 /* Human-readable message for a status code (static storage). */
@@ -64,6 +65,10 @@ const char *dhsa_blas_corename(void);
 /* DHSA_OK when every value of a float32 / float16 tensor is finite. */
 int dhsa_check_finite(const float *x, int64_t n);
 int dhsa_check_finite_f16(const uint16_t *x, int64_t n);
+/* The same check, also giving *max_abs = max |x| (0 for n = 0; max_abs may
+ * be NULL). DHSA_ENONFINITE when a value is NaN or Inf. */
+int dhsa_max_abs(const float *x, int64_t n, float *max_abs);
+int dhsa_max_abs_f16(const uint16_t *x, int64_t n, float *max_abs);
 
 /* out (n) = x (n) widened from IEEE float16 (F16C where the CPU has it,
  * exact bit manipulation otherwise); dhsa_half_to_float_scalar is the twin. */
@@ -96,7 +101,11 @@ int dhsa_attn_shape_check(const dhsa_attn_shape *s);
 
 /* out (B,H,Lq,D) = softmax(q k^T * scale [softcap] [mask]) v, tiled with an
  * online softmax; memory O(threads * tile). k and v are float32, or float16
- * when s->kv_f16 (widened tile by tile, so the cache stays half size). */
+ * when s->kv_f16 (widened tile by tile, so the cache stays half size).
+ * Inputs are scanned first: DHSA_ENONFINITE for NaN / Inf, DHSA_ERANGE when
+ * scale * D * max|q| * max|k| > 2**126 (a float32 logit or one of its partial
+ * sums could overflow). Any finite v is handled (a large one by scaling the
+ * softmax weights by a power of two that cancels in the normalisation). */
 int dhsa_attention_dense(float *out, const float *q, const void *k,
                          const void *v, const dhsa_attn_shape *s,
                          int num_threads);
@@ -229,7 +238,8 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
 /* pairs_selected, pairs_allowed (B * num_groups): query-key pairs a
  * selection keeps under the masks, and pairs the masks allow. */
 int dhsa_selection_count_pairs(int64_t *pairs_selected, int64_t *pairs_allowed,
-                               const dhsa_selection *sel, const dhsa_attn_shape *s);
+                               const dhsa_selection *sel, const dhsa_attn_shape *s,
+                               int num_threads);
 
 #ifdef __cplusplus
 }

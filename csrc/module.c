@@ -24,7 +24,8 @@
 static PyObject *raise_status(int status, const char *what) {
     PyObject *exc = PyExc_RuntimeError;
     if (status == DHSA_ENOMEM) return PyErr_NoMemory();
-    if (status == DHSA_EINVAL || status == DHSA_ENONFINITE || status == DHSA_EOVERFLOW)
+    if (status == DHSA_EINVAL || status == DHSA_ENONFINITE || status == DHSA_EOVERFLOW ||
+        status == DHSA_ERANGE)
         exc = PyExc_ValueError;
     PyErr_Format(exc, "%s: %s", what, dhsa_status_string(status));
     return NULL;
@@ -99,36 +100,43 @@ static int parse_threads(PyObject *obj, int *out) {
 }
 
 /* A q / k / v argument: an ndarray of float32 or float16, 4 dimensions,
- * no empty axis. Returns a new reference to a C-contiguous aligned float32
- * array (float16 if keep_half and the input is float16; the input itself
- * when it already is one), or NULL. */
-static PyArrayObject *as_tensor(PyObject *obj, const char *name, int *dtype_out, int keep_half) {
+ * no empty axis. Only looks at the object (no copy yet, so a huge broadcast
+ * view with a wrong shape is refused before it is materialised). */
+static int check_tensor(PyObject *obj, const char *name, int *dtype_out) {
     if (!PyArray_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name,
                      Py_TYPE(obj)->tp_name);
-        return NULL;
+        return -1;
     }
     PyArrayObject *arr = (PyArrayObject *)obj;
     const int t = PyArray_TYPE(arr);
     if (t != NPY_FLOAT32 && t != NPY_FLOAT16) {
         PyErr_Format(PyExc_TypeError, "%s must have dtype float32 or float16, got %R", name,
                      (PyObject *)PyArray_DESCR(arr));
-        return NULL;
+        return -1;
     }
     if (PyArray_NDIM(arr) != 4) {
         PyErr_Format(PyExc_ValueError,
                      "%s must have 4 dimensions (batch, heads, length, head_dim), got %d",
                      name, PyArray_NDIM(arr));
-        return NULL;
+        return -1;
     }
     for (int i = 0; i < 4; i++) {
         if (PyArray_DIM(arr, i) == 0) {
             PyErr_Format(PyExc_ValueError, "%s has an empty dimension (axis %d): sequences and "
                          "heads must be non-empty", name, i);
-            return NULL;
+            return -1;
         }
     }
     *dtype_out = t;
+    return 0;
+}
+
+/* A new reference to a C-contiguous aligned float32 version of a checked
+ * tensor (float16 kept when keep_half; the input itself when it already is
+ * one). */
+static PyArrayObject *as_contiguous(PyObject *obj, int keep_half) {
+    const int t = PyArray_TYPE((PyArrayObject *)obj);
     /* float16 K/V may stay float16: the kernels widen them tile by tile */
     const int want = (keep_half && t == NPY_FLOAT16) ? NPY_FLOAT16 : NPY_FLOAT32;
     return (PyArrayObject *)PyArray_FROMANY(obj, want, 4, 4,
@@ -172,15 +180,15 @@ static int attn_args_parse(attn_args *a, PyObject *q, PyObject *k, PyObject *v, 
     memset(a, 0, sizeof(*a));
     /* with v (the attention kernels) float16 K/V stay float16; the
      * prediction reads k as float32 */
-    if (!(a->q = as_tensor(q, "q", &tq, 0))) return -1;
-    if (!(a->k = as_tensor(k, "k", &tk, need_v))) return -1;
-    if (need_v && !(a->v = as_tensor(v, "v", &tv, 1))) return -1;
+    if (check_tensor(q, "q", &tq) < 0 || check_tensor(k, "k", &tk) < 0) return -1;
+    if (need_v && check_tensor(v, "v", &tv) < 0) return -1;
     if (tq != tk || (need_v && tq != tv)) {
         PyErr_SetString(PyExc_TypeError, "q, k and v must share one dtype (float32 or float16)");
         return -1;
     }
     a->dtype = tq;
-    npy_intp *qs = PyArray_DIMS(a->q), *ks = PyArray_DIMS(a->k);
+    /* shapes are checked on the inputs as given, before any copy */
+    npy_intp *qs = PyArray_DIMS((PyArrayObject *)q), *ks = PyArray_DIMS((PyArrayObject *)k);
     if (qs[0] != ks[0]) {
         PyErr_Format(PyExc_ValueError, "batch sizes differ: q has %zd, k has %zd",
                      (Py_ssize_t)qs[0], (Py_ssize_t)ks[0]);
@@ -212,7 +220,7 @@ static int attn_args_parse(attn_args *a, PyObject *q, PyObject *k, PyObject *v, 
         return -1;
     }
     if (need_v) {
-        npy_intp *vs = PyArray_DIMS(a->v);
+        npy_intp *vs = PyArray_DIMS((PyArrayObject *)v);
         if (vs[0] != ks[0] || vs[1] != ks[1] || vs[2] != ks[2] || vs[3] != ks[3]) {
             PyErr_SetString(PyExc_ValueError, "v must have the same shape as k");
             return -1;
@@ -225,7 +233,7 @@ static int attn_args_parse(attn_args *a, PyObject *q, PyObject *k, PyObject *v, 
     a->shape.Lk = ks[2];
     a->shape.D = qs[3];
     a->shape.causal = causal ? 1 : 0;
-    a->shape.kv_f16 = PyArray_TYPE(a->k) == NPY_FLOAT16;
+    a->shape.kv_f16 = need_v && tk == NPY_FLOAT16;
 
     double sc = 1.0 / sqrt((double)qs[3]), cap = 0.0;
     int64_t win = 0;
@@ -251,9 +259,31 @@ static int attn_args_parse(attn_args *a, PyObject *q, PyObject *k, PyObject *v, 
     a->shape.softcap = (float)cap;
     a->shape.window = win;
 
-    if (check_finite(a->q, "q") < 0 || check_finite(a->k, "k") < 0) return -1;
-    if (need_v && check_finite(a->v, "v") < 0) return -1;
+    /* the float32 copies (where needed) only now that every check passed */
+    if (!(a->q = as_contiguous(q, 0)) || !(a->k = as_contiguous(k, need_v))) return -1;
+    if (need_v && !(a->v = as_contiguous(v, 1))) return -1;
+    /* the attention kernels scan their inputs themselves (one pass that also
+     * bounds the values, see attention_failed); the prediction does not */
+    if (!need_v && (check_finite(a->q, "q") < 0 || check_finite(a->k, "k") < 0)) return -1;
     return 0;
+}
+
+/* Raise for a failed attention kernel, naming the argument where the status
+ * is about one (the rescan runs on the error path only). */
+static PyObject *attention_failed(int status, const attn_args *a, const char *what) {
+    if (status == DHSA_ENONFINITE) {
+        if (check_finite(a->q, "q") < 0 || check_finite(a->k, "k") < 0 ||
+            check_finite(a->v, "v") < 0)
+            return NULL;
+    }
+    if (status == DHSA_ERANGE) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: q and k are too large: scale * head_dim * max|q| * max|k| exceeds "
+                     "2**126, so attention logits could overflow float32; rescale q or k",
+                     what);
+        return NULL;
+    }
+    return raise_status(status, what);
 }
 
 /* float32 (B, H, Lq, D) output, cast back to the input dtype at the end */
@@ -267,6 +297,26 @@ static PyObject *finish_output(PyArrayObject *out, int dtype) {
     PyObject *cast = PyArray_CastToType(out, PyArray_DescrFromType(dtype), 0);
     Py_DECREF(out);
     return cast;
+}
+
+static int parse_required_int(PyObject *obj, const char *name, int64_t min_value, int64_t *out) {
+    int given = 0;
+    if (parse_int_opt(obj, name, min_value, out, &given) < 0) return -1;
+    if (!given) {
+        PyErr_Format(PyExc_TypeError, "%s is required", name);
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_required_float(PyObject *obj, const char *name, double *out) {
+    int given = 0;
+    if (parse_float_opt(obj, name, out, &given) < 0) return -1;
+    if (!given) {
+        PyErr_Format(PyExc_TypeError, "%s is required", name);
+        return -1;
+    }
+    return 0;
 }
 
 /* ---- dense_attention --------------------------------------------------- */
@@ -289,7 +339,7 @@ static PyObject *py_dense_attention(PyObject *self, PyObject *args, PyObject *kw
     st = dhsa_attention_dense((float *)PyArray_DATA(out), PyArray_DATA(a.q), PyArray_DATA(a.k),
                               PyArray_DATA(a.v), &a.shape, a.num_threads);
     Py_END_ALLOW_THREADS
-    if (st != DHSA_OK) { raise_status(st, "dense_attention"); goto done; }
+    if (st != DHSA_OK) { attention_failed(st, &a, "dense_attention"); goto done; }
     result = finish_output(out, a.dtype);
     out = NULL;
 done:
@@ -428,7 +478,7 @@ static PyObject *py_sparse_attention(PyObject *self, PyObject *args, PyObject *k
     st = dhsa_attention_sparse((float *)PyArray_DATA(out), PyArray_DATA(a.q), PyArray_DATA(a.k),
                                PyArray_DATA(a.v), &a.shape, &s.sel, a.num_threads);
     Py_END_ALLOW_THREADS
-    if (st != DHSA_OK) { raise_status(st, "sparse_attention"); goto done; }
+    if (st != DHSA_OK) { attention_failed(st, &a, "sparse_attention"); goto done; }
     result = finish_output(out, a.dtype);
     out = NULL;
 done:
@@ -439,28 +489,40 @@ done:
     return result;
 }
 
-/* count_pairs(offsets, starts, ends, *, block_size, B, H, Hkv, Lq, Lk, causal, window)
- * -> (selected (B*G,), allowed (B*G,)) */
+/* count_pairs(offsets, starts, ends, *, block_size, B, H, Hkv, Lq, Lk, causal, window,
+ *             num_threads) -> (selected (B*G,), allowed (B*G,)) */
 static PyObject *py_count_pairs(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"offsets", "starts", "ends", "block_size", "B", "H", "Hkv",
-                             "Lq", "Lk", "causal", "window", NULL};
-    PyObject *offsets, *starts, *ends, *block_size = NULL, *window = Py_None, *result = NULL;
-    long long B = 0, H = 0, Hkv = 0, Lq = 0, Lk = 0;
-    int causal = 1, given = 0, st;
+                             "Lq", "Lk", "causal", "window", "num_threads", NULL};
+    PyObject *offsets, *starts, *ends, *block_size = NULL, *window = Py_None, *result = NULL,
+             *threads = Py_None, *dims[5] = {NULL, NULL, NULL, NULL, NULL};
+    static const char *dim_names[5] = {"B", "H", "Hkv", "Lq", "Lk"};
+    int64_t dim_values[5] = {0, 0, 0, 0, 0};
+    int causal = 1, given = 0, num_threads = 1, st;
     sel_args s;
     PyArrayObject *sel_out = NULL, *all_out = NULL;
     dhsa_attn_shape shape;
     memset(&s, 0, sizeof(s));
     memset(&shape, 0, sizeof(shape));
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$OLLLLLpO", kwlist, &offsets, &starts,
-                                     &ends, &block_size, &B, &H, &Hkv, &Lq, &Lk, &causal,
-                                     &window))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$OOOOOOpOO", kwlist, &offsets, &starts,
+                                     &ends, &block_size, &dims[0], &dims[1], &dims[2], &dims[3],
+                                     &dims[4], &causal, &window, &threads))
         return NULL;
-    shape.B = B; shape.H = H; shape.Hkv = Hkv; shape.Lq = Lq; shape.Lk = Lk; shape.D = 1;
+    for (int i = 0; i < 5; i++)
+        if (parse_required_int(dims[i], dim_names[i], 1, &dim_values[i]) < 0) goto done;
+    shape.B = dim_values[0]; shape.H = dim_values[1]; shape.Hkv = dim_values[2];
+    shape.Lq = dim_values[3]; shape.Lk = dim_values[4]; shape.D = 1;
     shape.scale = 1.0f; shape.causal = causal; shape.kv_f16 = 0;
+    if (shape.Lk > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "count_pairs: Lk must be < 2**31");
+        goto done;
+    }
     if (parse_int_opt(window, "window", 1, &shape.window, &given) < 0) goto done;
+    if (given && shape.window > shape.Lk) shape.window = shape.Lk;
+    if (parse_threads(threads, &num_threads) < 0) goto done;
     if (dhsa_attn_shape_check(&shape) != DHSA_OK) {
-        PyErr_SetString(PyExc_ValueError, "count_pairs: inconsistent B, H, Hkv, Lq, Lk");
+        PyErr_SetString(PyExc_ValueError, "count_pairs: inconsistent B, H, Hkv, Lq, Lk "
+                        "(need H % Hkv == 0, Lq <= Lk, B * H * Lk < 2**63)");
         goto done;
     }
     if (sel_args_parse(&s, offsets, starts, ends, block_size, &shape) < 0) goto done;
@@ -468,7 +530,8 @@ static PyObject *py_count_pairs(PyObject *self, PyObject *args, PyObject *kwargs
     if (!(sel_out = (PyArrayObject *)PyArray_SimpleNew(1, &n, NPY_INT64))) goto done;
     if (!(all_out = (PyArrayObject *)PyArray_SimpleNew(1, &n, NPY_INT64))) goto done;
     Py_BEGIN_ALLOW_THREADS
-    st = dhsa_selection_count_pairs(PyArray_DATA(sel_out), PyArray_DATA(all_out), &s.sel, &shape);
+    st = dhsa_selection_count_pairs(PyArray_DATA(sel_out), PyArray_DATA(all_out), &s.sel, &shape,
+                                    num_threads);
     Py_END_ALLOW_THREADS
     if (st != DHSA_OK) { raise_status(st, "count_pairs"); goto done; }
     result = Py_BuildValue("OO", sel_out, all_out);
@@ -481,26 +544,6 @@ done:
 }
 
 /* ---- predict ----------------------------------------------------------- */
-
-static int parse_required_int(PyObject *obj, const char *name, int64_t min_value, int64_t *out) {
-    int given = 0;
-    if (parse_int_opt(obj, name, min_value, out, &given) < 0) return -1;
-    if (!given) {
-        PyErr_Format(PyExc_TypeError, "%s is required", name);
-        return -1;
-    }
-    return 0;
-}
-
-static int parse_required_float(PyObject *obj, const char *name, double *out) {
-    int given = 0;
-    if (parse_float_opt(obj, name, out, &given) < 0) return -1;
-    if (!given) {
-        PyErr_Format(PyExc_TypeError, "%s is required", name);
-        return -1;
-    }
-    return 0;
-}
 
 /* predict(q, k, *, options...) -> dict of numpy arrays:
  *   bounds (B*CG, Lk+1) int64 and num_bounds (B*CG,): the chunking
@@ -676,7 +719,8 @@ static PyObject *py_predict(PyObject *self, PyObject *args, PyObject *kwargs) {
         if (!(psel = (PyArrayObject *)PyArray_SimpleNew(1, &ng, NPY_INT64))) goto done;
         if (!(pall = (PyArrayObject *)PyArray_SimpleNew(1, &ng, NPY_INT64))) goto done;
         Py_BEGIN_ALLOW_THREADS
-        st = dhsa_selection_count_pairs(PyArray_DATA(psel), PyArray_DATA(pall), &sel, s);
+        st = dhsa_selection_count_pairs(PyArray_DATA(psel), PyArray_DATA(pall), &sel, s,
+                                        a.num_threads);
         Py_END_ALLOW_THREADS
         if (st != DHSA_OK) { raise_status(st, "predict count pairs"); goto done; }
     }

@@ -421,13 +421,16 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
 }
 
 int dhsa_selection_count_pairs(int64_t *pairs_selected, int64_t *pairs_allowed,
-                               const dhsa_selection *sel, const dhsa_attn_shape *s) {
+                               const dhsa_selection *sel, const dhsa_attn_shape *s,
+                               int num_threads) {
     int st = dhsa_attn_shape_check(s);
     if (st != DHSA_OK) return st;
+    if (!pairs_selected || !pairs_allowed || num_threads < 1) return DHSA_EINVAL;
     st = dhsa_selection_check(sel, s);
     if (st != DHSA_OK) return st;
     const int64_t NQB = sel->num_blocks, bs = sel->block_size;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) \
+    num_threads(dhsa_threads_for(num_threads, s->B * sel->num_groups))
     for (int64_t grp = 0; grp < s->B * sel->num_groups; grp++) {
         int64_t kept = 0, allowed = 0;
         for (int64_t qb = 0; qb < NQB; qb++) {

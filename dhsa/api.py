@@ -38,6 +38,11 @@ def dense_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool
     ``scale`` defaults to 1/sqrt(D); ``softcap`` applies
     softcap * tanh(logit / softcap); ``window`` lets each query see only the
     last ``window`` keys. ``num_threads`` defaults to all available cores.
+
+    Raises TypeError / ValueError naming the argument for a wrong type,
+    dtype, shape or option, for NaN / Inf in q, k or v, and for q and k so
+    large that a float32 logit could overflow
+    (scale * D * max|q| * max|k| > 2**126). Any finite v is fine.
     """
     return _core.dense_attention(q, k, v, causal=bool(causal), scale=scale, softcap=softcap,
                                  window=window, num_threads=num_threads)
@@ -180,7 +185,7 @@ def predict_selection(q: np.ndarray, k: np.ndarray, config: Optional[DHSAConfig]
     Hkv, Lk = ks[1], ks[2]
     if config.method in ("streaming", "vertical_slash", "oracle"):
         return _baseline_selection(q, k, config, causal=causal, scale=scale, softcap=softcap,
-                                   window=window)
+                                   window=window, num_threads=num_threads)
     n_cg = B * (1 if config.granularity == "layer" else max(1, Hkv))
     key_norm = config.key_norm
     if config.method == "block_topk":
@@ -212,7 +217,8 @@ def predict_selection(q: np.ndarray, k: np.ndarray, config: Optional[DHSAConfig]
         pairs_selected=res["pairs_selected"], pairs_allowed=res["pairs_allowed"])
 
 
-def _baseline_selection(q, k, config: DHSAConfig, *, causal, scale, softcap, window) -> Selection:
+def _baseline_selection(q, k, config: DHSAConfig, *, causal, scale, softcap, window,
+                        num_threads=None) -> Selection:
     from .baselines import baseline_ranges
 
     # the C wrapper validates tensors and options: a trivial prediction (one
@@ -231,7 +237,8 @@ def _baseline_selection(q, k, config: DHSAConfig, *, causal, scale, softcap, win
         causal=bool(causal), scale=scale, softcap=softcap, window=window)
     bs = min(config.block_size, Lq)
     sel_, all_ = _core.count_pairs(offsets, starts, ends, block_size=bs, B=B, H=H, Hkv=Hkv,
-                                   Lq=Lq, Lk=Lk, causal=bool(causal), window=window)
+                                   Lq=Lq, Lk=Lk, causal=bool(causal), window=window,
+                                   num_threads=num_threads)
     return Selection(offsets=offsets, starts=starts, ends=ends, block_size=bs, batch=B,
                      groups=groups, num_blocks=-(-Lq // bs), granularity=config.granularity,
                      boundaries=None, chunk_groups=0, pairs_selected=sel_, pairs_allowed=all_)
@@ -271,7 +278,7 @@ def sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray,
         selection.pairs_selected, selection.pairs_allowed = _core.count_pairs(
             selection.offsets, selection.starts, selection.ends,
             block_size=selection.block_size, B=qs[0], H=qs[1], Hkv=ks[1], Lq=qs[2], Lk=ks[2],
-            causal=bool(causal), window=window)
+            causal=bool(causal), window=window, num_threads=num_threads)
     return out, AttentionInfo(selection=selection, predict_seconds=t1 - t0,
                               attention_seconds=t2 - t1)
 

@@ -30,3 +30,11 @@ def test_readme_has_two_setup_commands():
 def test_license_is_permissive_and_declared():
     assert "MIT License" in (ROOT / "LICENSE").read_text()
     assert 'license = {text = "MIT"}' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_ci_also_runs_the_sanitizer_build():
+    """The ASan + UBSan run is part of CI, after the README's test command."""
+    lines = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines()]
+    test_line = lines.index(_ci_command())
+    assert "bash scripts/sanitize.sh" in lines[test_line + 1:]
+    assert (ROOT / "scripts" / "sanitize.sh").exists()
