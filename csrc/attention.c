@@ -47,6 +47,8 @@ static tile_plan plan_tiles(void) {
 #ifdef TILE_ROWS
     p.rows = TILE_ROWS;
 #endif
+    /* the QK tile kernel writes whole 32-key blocks of the S tile */
+    p.tile_k = (p.tile_k + DHSA_TILE_KEYS - 1) / DHSA_TILE_KEYS * DHSA_TILE_KEYS;
     return p;
 }
 
@@ -59,11 +61,14 @@ typedef struct {
     float *l;    /* (rows_cap)        running sum */
     float *kg, *vg;  /* (gather_cap, D) gathered keys / values (sparse) */
     float *kt, *vt;  /* (tile_k, D) a widened float16 K / V tile */
+    float *ktr;      /* (D, tile_k) the K tile transposed (tile kernels) */
     int32_t *kpos;   /* (gather_cap)    their positions */
 } tile_scratch;
 
 static int scratch_init(tile_scratch *w, int64_t rows_cap, int64_t D, int64_t tile_k,
                         int64_t gather_cap, int half) {
+    /* the tile kernels work on whole 8-row blocks: room for the padding rows */
+    rows_cap = (rows_cap + DHSA_TILE_ROWS - 1) / DHSA_TILE_ROWS * DHSA_TILE_ROWS;
     w->rows_cap = rows_cap;
     w->D = D;
     w->tile_k = tile_k;
@@ -74,6 +79,8 @@ static int scratch_init(tile_scratch *w, int64_t rows_cap, int64_t D, int64_t ti
     w->l = dhsa_alloc((size_t)rows_cap * sizeof(float));
     w->kg = w->vg = w->kt = w->vt = NULL;
     w->kpos = NULL;
+    w->ktr = dhsa_alloc((size_t)(D * tile_k) * sizeof(float));
+    if (!w->ktr) return DHSA_ENOMEM;
     if (half) {
         w->kt = dhsa_alloc((size_t)(tile_k * D) * sizeof(float));
         w->vt = dhsa_alloc((size_t)(tile_k * D) * sizeof(float));
@@ -90,7 +97,7 @@ static int scratch_init(tile_scratch *w, int64_t rows_cap, int64_t D, int64_t ti
 
 static void scratch_free(tile_scratch *w) {
     free(w->qt); free(w->s); free(w->o); free(w->m); free(w->l);
-    free(w->kg); free(w->vg); free(w->kpos); free(w->kt); free(w->vt);
+    free(w->kg); free(w->vg); free(w->kpos); free(w->kt); free(w->vt); free(w->ktr);
 }
 
 int dhsa_attn_shape_check(const dhsa_attn_shape *s) {
@@ -155,6 +162,7 @@ typedef struct {
     float q_scale;   /* multiplies q when it is gathered */
     float s_alpha;   /* sgemm alpha of S = Q K^T */
     float p_factor;  /* 2**-e multiplying every softmax weight (1: none) */
+    int tile_path;   /* dhsa_tile_path(D) for this call */
 } attn_ranges;
 
 static int attn_ranges_check(attn_ranges *r, const float *q, const void *k, const void *v,
@@ -174,6 +182,7 @@ static int attn_ranges_check(attn_ranges *r, const float *q, const void *k, cons
     r->q_scale = s->scale <= 1.0f ? s->scale : 1.0f;
     r->s_alpha = s->scale <= 1.0f ? 1.0f : s->scale;
     r->p_factor = 1.0f;
+    r->tile_path = dhsa_tile_path(s->D);
     const double o_bound = (double)s->Lk * (double)mv;
     if (o_bound > limit) r->p_factor = (float)ldexp(1.0, -(int)ceil(log2(o_bound / limit)));
     return DHSA_OK;
@@ -185,6 +194,8 @@ static int attn_ranges_check(attn_ranges *r, const float *q, const void *k, cons
 static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, const attn_ranges *rg,
                         int64_t R, int64_t nq, int64_t pos0, const key_list *kl) {
     const int64_t D = s->D, TK = w->tile_k, pos_last = pos0 + nq - 1;
+    const int use_blas = rg->tile_path == DHSA_TILE_BLAS;
+    const int64_t R_pad = (R + DHSA_TILE_ROWS - 1) / DHSA_TILE_ROWS * DHSA_TILE_ROWS;
     int64_t lo0, hi0, lo1, hi1;
     visible_keys(s, pos0, &lo0, &hi0);
     visible_keys(s, pos_last, &lo1, &hi1);
@@ -202,8 +213,15 @@ static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, const attn_ra
             kt = (const float *)kl->k + t0 * D;
             vt = (const float *)kl->v + t0 * D;
         }
-        dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)R, (int)nk, (int)D,
-                   rg->s_alpha, w->qt, (int)D, kt, (int)D, 0.0f, w->s, (int)TK);
+        if (use_blas) {
+            dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)R, (int)nk, (int)D,
+                       rg->s_alpha, w->qt, (int)D, kt, (int)D, 0.0f, w->s, (int)TK);
+        } else { /* padded to whole blocks: zero q rows, zero kt columns */
+            const int64_t nk_pad = (nk + DHSA_TILE_KEYS - 1) / DHSA_TILE_KEYS * DHSA_TILE_KEYS;
+            dhsa_tile_transpose(w->ktr, TK, kt, nk, nk_pad, D);
+            dhsa_tile_qk(rg->tile_path, w->s, TK, w->qt, w->ktr, TK, R_pad, nk_pad, D,
+                         rg->s_alpha);
+        }
         for (int64_t r = 0; r < R; r++) {
             float *srow = w->s + r * TK;
             int64_t ja = 0, jb = nk; /* visible columns of this row */
@@ -229,8 +247,11 @@ static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, const attn_ra
             w->l[r] = w->l[r] * alpha + sum;
             w->m[r] = m_new;
         }
-        dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)R, (int)D, (int)nk, 1.0f,
-                   w->s, (int)TK, vt, (int)D, 1.0f, w->o, (int)D);
+        if (use_blas)
+            dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)R, (int)D, (int)nk, 1.0f,
+                       w->s, (int)TK, vt, (int)D, 1.0f, w->o, (int)D);
+        else /* padding rows of S hold zero logits, never exponentiated: O += 0 there */
+            dhsa_tile_pv(rg->tile_path, w->o, w->s, TK, vt, R_pad, nk, D);
     }
 }
 
@@ -256,7 +277,9 @@ static void attend_item(tile_scratch *w, float *out, const float *q, const void 
         float *dst = w->qt + hh * nq * D;
         for (int64_t x = 0; x < nq * D; x++) dst[x] = src[x] * rg->q_scale;
     }
-    memset(w->o, 0, (size_t)(R * D) * sizeof(float));
+    const int64_t R_pad = (R + DHSA_TILE_ROWS - 1) / DHSA_TILE_ROWS * DHSA_TILE_ROWS;
+    memset(w->qt + R * D, 0, (size_t)((R_pad - R) * D) * sizeof(float));
+    memset(w->o, 0, (size_t)(R_pad * D) * sizeof(float));
     for (int64_t r = 0; r < R; r++) { w->m[r] = -INFINITY; w->l[r] = 0.0f; }
 
     /* keys any row of the item may see */

@@ -56,6 +56,22 @@ const char *dhsa_simd_path(void);
 void dhsa_simd_force_scalar(int force);
 /* Allow (1, default) or forbid (0) the AVX-512 kernels where the CPU has them. */
 void dhsa_simd_allow_avx512(int allow);
+/* The tile matrix products of the attention kernels (S = Q K^T, O += P V):
+ * register-blocked AVX-512 / AVX2 kernels (head_dim a multiple of 16 / 8),
+ * OpenBLAS sgemm, or the plain scalar twins. AUTO picks the fastest this CPU
+ * and head_dim allow (OpenBLAS under dhsa_simd_force_scalar(1)); a forced
+ * vector path the CPU or head_dim cannot run falls back the same way. */
+enum dhsa_tile_paths {
+    DHSA_TILE_AUTO = 0,
+    DHSA_TILE_AVX512 = 1,
+    DHSA_TILE_AVX2 = 2,
+    DHSA_TILE_BLAS = 3,
+    DHSA_TILE_SCALAR = 4,
+};
+void dhsa_tile_path_set(int path);
+/* The path the kernels take for this head_dim now. */
+int dhsa_tile_path(int64_t D);
+const char *dhsa_tile_path_name(int path);
 /* Number of cores the OpenMP runtime would use by default. */
 int dhsa_max_threads(void);
 /* BLAS identification: configuration string and core name. */

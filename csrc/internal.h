@@ -46,6 +46,28 @@ float dhsa_row_exp_sum_scalar(float *x, int64_t n, float m);
 void dhsa_row_softcap_scalar(float *x, int64_t n, float cap);
 void dhsa_row_scale_scalar(float *x, int64_t n, float a);
 
+/* Run-time switches of simd.c, for the other kernels' dispatch. */
+int dhsa_simd_force_scalar_on(void);
+int dhsa_simd_avx512_on(void);
+
+/* Tile matrix products (tiles.c). Vector paths need R a multiple of
+ * DHSA_TILE_ROWS and (QK) nk_pad a multiple of DHSA_TILE_KEYS; see there. */
+#define DHSA_TILE_ROWS 8
+#define DHSA_TILE_KEYS 32
+/* kt (D, ld) = k (nk, D)^T, columns [nk, nk_pad) zeroed */
+void dhsa_tile_transpose(float *kt, int64_t ld, const float *k, int64_t nk, int64_t nk_pad,
+                         int64_t D);
+/* s (R, nk_pad; row stride lds) = alpha * q (R, D) . kt (D, nk_pad; stride ldk) */
+void dhsa_tile_qk(int path, float *s, int64_t lds, const float *q, const float *kt,
+                  int64_t ldk, int64_t R, int64_t nk_pad, int64_t D, float alpha);
+/* o (R, D) += p (R, nk; row stride ldp) . v (nk, D) */
+void dhsa_tile_pv(int path, float *o, const float *p, int64_t ldp, const float *v, int64_t R,
+                  int64_t nk, int64_t D);
+void dhsa_tile_qk_scalar(float *s, int64_t lds, const float *q, const float *kt, int64_t ldk,
+                         int64_t R, int64_t nk, int64_t D, float alpha);
+void dhsa_tile_pv_scalar(float *o, const float *p, int64_t ldp, const float *v, int64_t R,
+                         int64_t nk, int64_t D);
+
 /* Number of threads to use for `work` independent items. */
 static inline int dhsa_threads_for(int requested, int64_t work) {
     int n = requested > 0 ? requested : 1;

@@ -742,8 +742,10 @@ done:
 
 static PyObject *py_build_info(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
-    return Py_BuildValue("{s:s,s:s,s:O,s:s,s:s,s:i,s:s,s:s}", "version", DHSA_VERSION,
-                         "simd_path", dhsa_simd_path(), "simd_available",
+    return Py_BuildValue("{s:s,s:s,s:s,s:O,s:s,s:s,s:i,s:s,s:s}", "version", DHSA_VERSION,
+                         "simd_path", dhsa_simd_path(),
+                         "tile_path_d64", dhsa_tile_path_name(dhsa_tile_path(64)),
+                         "simd_available",
                          dhsa_simd_available() ? Py_True : Py_False, "blas", "OpenBLAS",
                          "blas_config", dhsa_blas_config(), "max_threads", dhsa_max_threads(),
                          "blas_core", dhsa_blas_corename(), "compiler",
@@ -771,6 +773,34 @@ static PyObject *py_allow_avx512(PyObject *self, PyObject *arg) {
     if (v < 0) return NULL;
     dhsa_simd_allow_avx512(v);
     Py_RETURN_NONE;
+}
+
+/* tile_path(path=None, head_dim=64) -> name of the tile-product path in
+ * effect for head_dim, after setting it when path is one of "auto",
+ * "avx512f", "avx2-fma", "openblas", "scalar". */
+static PyObject *py_tile_path(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"path", "head_dim", NULL};
+    static const char *names[] = {"auto", "avx512f", "avx2-fma", "openblas", "scalar"};
+    const char *name = NULL;
+    long long D = 64;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|zL", kwlist, &name, &D)) return NULL;
+    if (D < 1 || D > 256) {
+        PyErr_Format(PyExc_ValueError, "head_dim must be in [1, 256], got %lld", D);
+        return NULL;
+    }
+    if (name) {
+        int found = -1;
+        for (int i = 0; i < 5; i++)
+            if (strcmp(name, names[i]) == 0) found = i;
+        if (found < 0) {
+            PyErr_Format(PyExc_ValueError, "path must be one of 'auto', 'avx512f', 'avx2-fma', "
+                         "'openblas', 'scalar'; got '%s'", name);
+            return NULL;
+        }
+        dhsa_tile_path_set(found); /* the names are in enum order */
+    }
+    return PyUnicode_FromString(dhsa_tile_path_name(dhsa_tile_path((int64_t)D)));
 }
 
 static double now_seconds(void) {
@@ -834,6 +864,8 @@ static PyMethodDef methods[] = {
     {"build_info", py_build_info, METH_NOARGS, "Build and run-time information."},
     {"force_scalar", py_force_scalar, METH_O, "Route every kernel to its scalar twin."},
     {"allow_avx512", py_allow_avx512, METH_O, "Allow the AVX-512 kernels where available."},
+    {"tile_path", (PyCFunction)(void (*)(void))py_tile_path, METH_VARARGS | METH_KEYWORDS,
+     "Set (optionally) and report the tile matrix-product path for a head_dim."},
     {"sgemm_rate", py_sgemm_rate, METH_VARARGS, "Measured OpenBLAS sgemm GFLOP/s."},
     {NULL, NULL, 0, NULL},
 };

@@ -56,6 +56,9 @@ void dhsa_simd_allow_avx512(int allow) { g_allow_avx512 = allow ? 1 : 0; }
 static inline int use_simd(void) { return !g_force_scalar && dhsa_simd_available(); }
 static inline int use_avx512(void) { return use_simd() && g_cpu_avx512 && g_allow_avx512; }
 
+int dhsa_simd_force_scalar_on(void) { return g_force_scalar; }
+int dhsa_simd_avx512_on(void) { return use_avx512(); }
+
 const char *dhsa_simd_path(void) {
     if (use_avx512()) return "avx512f";
     return use_simd() ? "avx2-fma" : "scalar";
