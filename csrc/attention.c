@@ -166,16 +166,16 @@ typedef struct {
 } attn_ranges;
 
 static int attn_ranges_check(attn_ranges *r, const float *q, const void *k, const void *v,
-                             const dhsa_attn_shape *s) {
+                             const dhsa_attn_shape *s, int T) {
     const int64_t nq = s->B * s->H * s->Lq * s->D, nk = s->B * s->Hkv * s->Lk * s->D;
     float mq = 0.0f, mk = 0.0f, mv = 0.0f;
-    int st = dhsa_max_abs(q, nq, &mq);
+    int st = dhsa_max_abs_threads(q, nq, &mq, T);
     if (st == DHSA_OK)
-        st = s->kv_f16 ? dhsa_max_abs_f16((const uint16_t *)k, nk, &mk)
-                       : dhsa_max_abs((const float *)k, nk, &mk);
+        st = s->kv_f16 ? dhsa_max_abs_f16_threads((const uint16_t *)k, nk, &mk, T)
+                       : dhsa_max_abs_threads((const float *)k, nk, &mk, T);
     if (st == DHSA_OK)
-        st = s->kv_f16 ? dhsa_max_abs_f16((const uint16_t *)v, nk, &mv)
-                       : dhsa_max_abs((const float *)v, nk, &mv);
+        st = s->kv_f16 ? dhsa_max_abs_f16_threads((const uint16_t *)v, nk, &mv, T)
+                       : dhsa_max_abs_threads((const float *)v, nk, &mv, T);
     if (st != DHSA_OK) return st;
     const double limit = ldexp(1.0, 126);
     if ((double)s->scale * (double)s->D * (double)mq * (double)mk > limit) return DHSA_ERANGE;
@@ -341,7 +341,7 @@ int dhsa_attention_dense(float *out, const float *q, const void *k, const void *
     if (st != DHSA_OK) return st;
     if (!out || !q || !k || !v || num_threads < 1) return DHSA_EINVAL;
     attn_ranges rg;
-    st = attn_ranges_check(&rg, q, k, v, s);
+    st = attn_ranges_check(&rg, q, k, v, s, num_threads);
     if (st != DHSA_OK) return st;
 
     const tile_plan plan = plan_tiles();
@@ -409,7 +409,7 @@ int dhsa_attention_sparse(float *out, const float *q, const void *k, const void 
     st = dhsa_selection_check(sel, s);
     if (st != DHSA_OK) return st;
     attn_ranges rg;
-    st = attn_ranges_check(&rg, q, k, v, s);
+    st = attn_ranges_check(&rg, q, k, v, s, num_threads);
     if (st != DHSA_OK) return st;
 
     const tile_plan plan = plan_tiles();

@@ -85,6 +85,9 @@ int dhsa_check_finite_f16(const uint16_t *x, int64_t n);
  * be NULL). DHSA_ENONFINITE when a value is NaN or Inf. */
 int dhsa_max_abs(const float *x, int64_t n, float *max_abs);
 int dhsa_max_abs_f16(const uint16_t *x, int64_t n, float *max_abs);
+/* The same with up to num_threads threads (for inputs of millions of values). */
+int dhsa_max_abs_threads(const float *x, int64_t n, float *max_abs, int num_threads);
+int dhsa_max_abs_f16_threads(const uint16_t *x, int64_t n, float *max_abs, int num_threads);
 
 /* out (n) = x (n) widened from IEEE float16 (F16C where the CPU has it,
  * exact bit manipulation otherwise); dhsa_half_to_float_scalar is the twin. */

@@ -68,6 +68,14 @@ void dhsa_tile_qk_scalar(float *s, int64_t lds, const float *q, const float *kt,
 void dhsa_tile_pv_scalar(float *o, const float *p, int64_t ldp, const float *v, int64_t R,
                          int64_t nk, int64_t D);
 
+/* Column ranges [d0, d1) of dhsa_repr_prefix_sums / _every (no checks;
+ * bit-identical to the whole call), for filling them in parallel. */
+void dhsa_repr_prefix_sums_cols(double *prefix, const float *x, int64_t L, int64_t D,
+                                int64_t nheads, int64_t head_stride, int64_t d0, int64_t d1);
+void dhsa_repr_prefix_sums_every_cols(double *out, const float *x, int64_t L, int64_t D,
+                                      int64_t nheads, int64_t head_stride, int64_t step,
+                                      int64_t d0, int64_t d1);
+
 /* Number of threads to use for `work` independent items. */
 static inline int dhsa_threads_for(int requested, int64_t work) {
     int n = requested > 0 ? requested : 1;

@@ -143,13 +143,14 @@ static PyArrayObject *as_contiguous(PyObject *obj, int keep_half) {
                                             NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
 }
 
-static int check_finite(PyArrayObject *a, const char *name) {
+static int check_finite(PyArrayObject *a, const char *name, int num_threads) {
     int st;
     const void *p = PyArray_DATA(a);
     const int64_t n = (int64_t)PyArray_SIZE(a);
     const int half = PyArray_TYPE(a) == NPY_FLOAT16;
     Py_BEGIN_ALLOW_THREADS
-    st = half ? dhsa_check_finite_f16((const uint16_t *)p, n) : dhsa_check_finite((const float *)p, n);
+    st = half ? dhsa_max_abs_f16_threads((const uint16_t *)p, n, NULL, num_threads)
+              : dhsa_max_abs_threads((const float *)p, n, NULL, num_threads);
     Py_END_ALLOW_THREADS
     if (st != DHSA_OK) {
         PyErr_Format(PyExc_ValueError, "%s contains NaN or Inf; DHSA rejects non-finite inputs",
@@ -264,7 +265,9 @@ static int attn_args_parse(attn_args *a, PyObject *q, PyObject *k, PyObject *v, 
     if (need_v && !(a->v = as_contiguous(v, 1))) return -1;
     /* the attention kernels scan their inputs themselves (one pass that also
      * bounds the values, see attention_failed); the prediction does not */
-    if (!need_v && (check_finite(a->q, "q") < 0 || check_finite(a->k, "k") < 0)) return -1;
+    if (!need_v && (check_finite(a->q, "q", a->num_threads) < 0 ||
+                    check_finite(a->k, "k", a->num_threads) < 0))
+        return -1;
     return 0;
 }
 
@@ -272,8 +275,9 @@ static int attn_args_parse(attn_args *a, PyObject *q, PyObject *k, PyObject *v, 
  * is about one (the rescan runs on the error path only). */
 static PyObject *attention_failed(int status, const attn_args *a, const char *what) {
     if (status == DHSA_ENONFINITE) {
-        if (check_finite(a->q, "q") < 0 || check_finite(a->k, "k") < 0 ||
-            check_finite(a->v, "v") < 0)
+        if (check_finite(a->q, "q", a->num_threads) < 0 ||
+            check_finite(a->k, "k", a->num_threads) < 0 ||
+            check_finite(a->v, "v", a->num_threads) < 0)
             return NULL;
     }
     if (status == DHSA_ERANGE) {

@@ -14,21 +14,49 @@
 #include <math.h>
 #include "internal.h"
 
-/* prefix (L + 1, D) from x: nheads heads of (L, D), head_stride floats apart. */
-int dhsa_repr_prefix_sums(double *prefix, const float *x, int64_t L, int64_t D,
-                          int64_t nheads, int64_t head_stride) {
-    if (!prefix || !x || L <= 0 || D <= 0 || nheads <= 0) return DHSA_EINVAL;
-    memset(prefix, 0, (size_t)D * sizeof(double));
+/* Columns [d0, d1) of prefix (L + 1, D): every column is its own sequential
+ * sum, so column ranges can be filled by different threads and the result
+ * stays bit-identical to one pass. */
+void dhsa_repr_prefix_sums_cols(double *prefix, const float *x, int64_t L, int64_t D,
+                                int64_t nheads, int64_t head_stride, int64_t d0, int64_t d1) {
+    for (int64_t d = d0; d < d1; d++) prefix[d] = 0.0;
     for (int64_t t = 0; t < L; t++) {
         double *dst = prefix + (t + 1) * D;
         const double *prev = prefix + t * D;
-        for (int64_t d = 0; d < D; d++) {
+        for (int64_t d = d0; d < d1; d++) {
             double acc = 0.0;
             for (int64_t h = 0; h < nheads; h++) acc += (double)x[h * head_stride + t * D + d];
             dst[d] = prev[d] + acc / (double)nheads;
         }
     }
+}
+
+/* prefix (L + 1, D) from x: nheads heads of (L, D), head_stride floats apart. */
+int dhsa_repr_prefix_sums(double *prefix, const float *x, int64_t L, int64_t D,
+                          int64_t nheads, int64_t head_stride) {
+    if (!prefix || !x || L <= 0 || D <= 0 || nheads <= 0) return DHSA_EINVAL;
+    dhsa_repr_prefix_sums_cols(prefix, x, L, D, nheads, head_stride, 0, D);
     return DHSA_OK;
+}
+
+/* Columns [d0, d1) of the strided running sums below (D <= 256). */
+void dhsa_repr_prefix_sums_every_cols(double *out, const float *x, int64_t L, int64_t D,
+                                      int64_t nheads, int64_t head_stride, int64_t step,
+                                      int64_t d0, int64_t d1) {
+    double run[256];
+    for (int64_t d = d0; d < d1; d++) run[d - d0] = out[d] = 0.0;
+    int64_t row = 1;
+    for (int64_t t = 0; t < L; t++) {
+        for (int64_t d = d0; d < d1; d++) {
+            double acc = 0.0;
+            for (int64_t h = 0; h < nheads; h++) acc += (double)x[h * head_stride + t * D + d];
+            run[d - d0] = run[d - d0] + acc / (double)nheads;
+        }
+        if ((t + 1) % step == 0 || t + 1 == L) {
+            for (int64_t d = d0; d < d1; d++) out[row * D + d] = run[d - d0];
+            row++;
+        }
+    }
 }
 
 /* out (ceil(L / step) + 1, D): the rows t = 0, step, 2 step, ..., L of the
@@ -36,21 +64,9 @@ int dhsa_repr_prefix_sums(double *prefix, const float *x, int64_t L, int64_t D,
  * only where a block starts: O(L / step * D) memory. */
 int dhsa_repr_prefix_sums_every(double *out, const float *x, int64_t L, int64_t D,
                                 int64_t nheads, int64_t head_stride, int64_t step) {
-    if (!out || !x || L <= 0 || D <= 0 || nheads <= 0 || step <= 0) return DHSA_EINVAL;
-    double *run = dhsa_alloc((size_t)D * sizeof(double));
-    if (!run) return DHSA_ENOMEM;
-    memset(run, 0, (size_t)D * sizeof(double));
-    memset(out, 0, (size_t)D * sizeof(double));
-    int64_t row = 1;
-    for (int64_t t = 0; t < L; t++) {
-        for (int64_t d = 0; d < D; d++) {
-            double acc = 0.0;
-            for (int64_t h = 0; h < nheads; h++) acc += (double)x[h * head_stride + t * D + d];
-            run[d] = run[d] + acc / (double)nheads;
-        }
-        if ((t + 1) % step == 0 || t + 1 == L) memcpy(out + (row++) * D, run, (size_t)D * sizeof(double));
-    }
-    free(run);
+    if (!out || !x || L <= 0 || D <= 0 || D > 256 || nheads <= 0 || step <= 0)
+        return DHSA_EINVAL;
+    dhsa_repr_prefix_sums_every_cols(out, x, L, D, nheads, head_stride, step, 0, D);
     return DHSA_OK;
 }
 

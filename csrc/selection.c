@@ -23,6 +23,14 @@
 
 #define QB_TILE 16 /* query blocks per chunk-score dgemm */
 
+static int omp_threads(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
 typedef struct {
     int64_t a, b;  /* key range [a, b) */
     double score;  /* r_q . r_k of the piece */
@@ -188,6 +196,50 @@ static piece heap_pop(piece *h, int64_t *n) {
     return top;
 }
 
+/* The other order: a heap with the worst kept piece on top. */
+static void worst_sift_up(piece *h, int64_t i) {
+    while (i > 0) {
+        const int64_t up = (i - 1) / 2;
+        if (piece_cmp(&h[i], &h[up]) <= 0) return; /* not worse than its parent */
+        piece t = h[i]; h[i] = h[up]; h[up] = t;
+        i = up;
+    }
+}
+
+static void worst_sift_down(piece *h, int64_t n, int64_t i) {
+    for (;;) {
+        int64_t worst = i, l = 2 * i + 1, r = l + 1;
+        if (l < n && piece_cmp(&h[l], &h[worst]) > 0) worst = l;
+        if (r < n && piece_cmp(&h[r], &h[worst]) > 0) worst = r;
+        if (worst == i) return;
+        piece t = h[i]; h[i] = h[worst]; h[worst] = t;
+        i = worst;
+    }
+}
+
+/* The best pieces (piece_cmp order) whose lengths first reach `need`,
+ * collected in one pass over the candidates: a heap keeps the best pieces so
+ * far, its worst on top, trimmed while the others alone still cover `need`.
+ * Once it covers `need`, a candidate no better than the top is dropped with
+ * one comparison - most of them at long contexts, where a block has
+ * thousands of candidate chunks and keeps a few hundred. */
+typedef struct {
+    piece *h;
+    int64_t n, tok, need;
+} cover_heap;
+
+static void cover_offer(cover_heap *c, const piece *pc) {
+    if (c->need <= 0 || (c->tok >= c->need && piece_cmp(pc, &c->h[0]) > 0)) return;
+    c->h[c->n] = *pc;
+    worst_sift_up(c->h, c->n++);
+    c->tok += pc->b - pc->a;
+    while (c->n > 1 && c->tok - (c->h[0].b - c->h[0].a) >= c->need) {
+        c->tok -= c->h[0].b - c->h[0].a;
+        c->h[0] = c->h[--c->n];
+        worst_sift_down(c->h, c->n, 0);
+    }
+}
+
 static int range_cmp(const void *x, const void *y) {
     const piece *a = x, *b = y;
     return (a->a > b->a) - (a->a < b->a);
@@ -213,7 +265,7 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const block_geom *g,
                             const double *rq, const double *srow, const double *kprefix,
                             const int64_t *bd, int64_t nb, const dhsa_attn_shape *s,
                             const dhsa_predict_params *p, piece *pieces, piece *sel,
-                            double *tmp) {
+                            piece *kept, double *tmp) {
     const int64_t D = s->D, allowed = g->hi - g->lo;
     const int64_t sink_end = DHSA_MIN(g->lo + p->sink, g->hi);
     const int64_t loc_a = DHSA_MAX(sink_end, g->spos - p->local);
@@ -234,7 +286,11 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const block_geom *g,
         return 1;
     }
 
-    /* candidate pieces: chunks clipped to [sink_end, loc_a) and [loc_b, hi) */
+    /* candidate pieces: chunks clipped to [sink_end, loc_a) and [loc_b, hi);
+     * a fixed budget streams them through the cover heap, the adaptive one
+     * needs them all (their total mass) */
+    const int adaptive = p->mode == DHSA_BUDGET_ADAPTIVE;
+    cover_heap cov = {kept, 0, 0, hi_clamp - forced};
     int64_t np = 0;
     const int64_t cand[2][2] = {{sink_end, loc_a}, {loc_b, g->hi}};
     for (int iv = 0; iv < 2; iv++) {
@@ -244,31 +300,35 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const block_geom *g,
             piece pc;
             pc.a = DHSA_MAX(x, bd[c]);
             pc.b = DHSA_MIN(y, bd[c + 1]);
-            pc.score = (pc.a == bd[c] && pc.b == bd[c + 1])
-                           ? srow[c] : piece_score(rq, kprefix, D, pc.a, pc.b, p->key_norm, tmp);
+            const int whole = pc.a == bd[c] && pc.b == bd[c + 1];
+            /* strictly worse than the worst kept: out, without building it */
+            if (!adaptive && whole && cov.tok >= cov.need && srow[c] < cov.h[0].score) continue;
+            pc.score = whole ? srow[c] : piece_score(rq, kprefix, D, pc.a, pc.b, p->key_norm, tmp);
             pc.logm = 0.0;
-            pieces[np++] = pc;
+            if (adaptive) pieces[np++] = pc;
+            else cover_offer(&cov, &pc);
         }
     }
-    /* best pieces first: a heap pops only as many as the budget takes
-     * (O(n + k log n) instead of sorting all n) */
-    heapify(pieces, np);
-    int64_t heap_n = np;
-
     int64_t nsel = 0, tokens = forced;
     if (sink_end > g->lo) { sel[nsel].a = g->lo; sel[nsel].b = sink_end; nsel++; }
     if (loc_b > loc_a) { sel[nsel].a = loc_a; sel[nsel].b = loc_b; nsel++; }
 
-    if (p->mode != DHSA_BUDGET_ADAPTIVE) {
-        while (heap_n > 0 && tokens < hi_clamp) {
-            const piece pc = heap_pop(pieces, &heap_n);
-            const int64_t take = DHSA_MIN(pc.b - pc.a, hi_clamp - tokens);
-            sel[nsel].a = pc.a;
-            sel[nsel].b = pc.a + take;
+    if (!adaptive) {
+        /* the best pieces, best first, until the budget is reached, the last one cut */
+        qsort(kept, (size_t)cov.n, sizeof(piece), piece_cmp);
+        const int64_t nk = cov.n;
+        for (int64_t i = 0; i < nk && tokens < hi_clamp; i++) {
+            const int64_t take = DHSA_MIN(kept[i].b - kept[i].a, hi_clamp - tokens);
+            sel[nsel].a = kept[i].a;
+            sel[nsel].b = kept[i].a + take;
             nsel++;
             tokens += take;
         }
     } else {
+        /* best pieces first: a heap pops only as many as the budget takes
+         * (O(n + k log n) instead of sorting all n) */
+        heapify(pieces, np);
+        int64_t heap_n = np;
         /* estimated mass of a piece: n * exp(scale * mean_q . mean_k), with
          * mean_q . mean_k = score / (sqrt(nq) * n ** (1 - key_norm)) */
         const double nq = (double)g->nq, scale = (double)s->scale;
@@ -356,7 +416,8 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
         double *tmp = dhsa_alloc((size_t)D * sizeof(double));
         piece *pieces = dhsa_alloc((size_t)(ncmax + 4) * sizeof(piece));
         piece *sel = dhsa_alloc((size_t)(ncmax + 6) * sizeof(piece));
-        const int ok = rq && sc && tmp && pieces && sel;
+        piece *kept = dhsa_alloc((size_t)(ncmax + 4) * sizeof(piece));
+        const int ok = rq && sc && tmp && pieces && sel && kept;
         if (!ok) {
 #pragma omp atomic write
             status = DHSA_ENOMEM;
@@ -366,23 +427,36 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
             const int64_t b = grp / SG, sg = grp % SG;
             const int64_t cgi = b * CG + chunk_group_of(s, p, sg);
             const int64_t *bd = bounds + cgi * (s->Lk + 1), nb = num_bounds[cgi];
-#pragma omp single
-            {
-                /* query heads of the group, key heads of its chunking group */
-                int64_t qh0 = 0, nqh = s->H;
-                if (p->granularity == DHSA_GRAN_KV_HEAD) { qh0 = sg * G; nqh = G; }
-                if (p->granularity == DHSA_GRAN_QUERY_HEAD) { qh0 = sg; nqh = 1; }
-                dhsa_repr_prefix_sums_every(qprefix, q + (b * s->H + qh0) * s->Lq * D, s->Lq,
-                                            D, nqh, s->Lq * D, bs);
-                if (cgi != last_cg) {
-                    const int64_t kh0 = p->granularity == DHSA_GRAN_LAYER ? 0 : cgi % CG;
-                    const int64_t nkh = p->granularity == DHSA_GRAN_LAYER ? s->Hkv : 1;
-                    dhsa_repr_prefix_sums(kprefix, k + (b * s->Hkv + kh0) * s->Lk * D, s->Lk,
-                                          D, nkh, s->Lk * D);
-                    for (int64_t c = 0; c + 1 < nb; c++)
-                        dhsa_repr_range(rk + c * D, kprefix, D, bd[c], bd[c + 1], p->key_norm);
-                }
-            } /* implicit barrier: prefix sums ready for every thread */
+            /* running sums of the group's queries (block starts only) and of
+             * its chunking group's keys: split by columns over the threads
+             * (each column is one sequential sum, so the result does not
+             * depend on the split), then the chunk representations */
+            int64_t qh0 = 0, nqh = s->H;
+            if (p->granularity == DHSA_GRAN_KV_HEAD) { qh0 = sg * G; nqh = G; }
+            if (p->granularity == DHSA_GRAN_QUERY_HEAD) { qh0 = sg; nqh = 1; }
+            const int new_k = cgi != last_cg;
+            const int64_t kh0 = p->granularity == DHSA_GRAN_LAYER ? 0 : cgi % CG;
+            const int64_t nkh = p->granularity == DHSA_GRAN_LAYER ? s->Hkv : 1;
+            /* one column block per thread, whole cache lines of floats, so
+             * every line of q and k is read by one thread only */
+            int64_t width = (D + omp_threads() - 1) / omp_threads();
+            width = (width + 15) / 16 * 16;
+            const int64_t ncol = (D + width - 1) / width;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t job = 0; job < 2 * ncol; job++) {
+                const int64_t d0 = (job % ncol) * width, d1 = DHSA_MIN(D, d0 + width);
+                if (job < ncol)
+                    dhsa_repr_prefix_sums_every_cols(qprefix, q + (b * s->H + qh0) * s->Lq * D,
+                                                     s->Lq, D, nqh, s->Lq * D, bs, d0, d1);
+                else if (new_k)
+                    dhsa_repr_prefix_sums_cols(kprefix, k + (b * s->Hkv + kh0) * s->Lk * D,
+                                               s->Lk, D, nkh, s->Lk * D, d0, d1);
+            } /* implicit barrier: running sums complete */
+            if (new_k) {
+#pragma omp for schedule(static)
+                for (int64_t c = 0; c < nb - 1; c++)
+                    dhsa_repr_range(rk + c * D, kprefix, D, bd[c], bd[c + 1], p->key_norm);
+            }
             last_cg = cgi;
 #pragma omp for schedule(dynamic, 1)
             for (int64_t tile = 0; tile < ntiles; tile++) {
@@ -404,7 +478,7 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
                     block_geom g = geometry(s, bs, qb);
                     counts[idx] = select_block(starts + capacity[idx], ends + capacity[idx], &g,
                                                rq + i * D, sc + i * reach, kprefix, bd, nb, s, p,
-                                               pieces, sel, tmp);
+                                               pieces, sel, kept, tmp);
                     if (chunk_scores) {
                         double *dst = chunk_scores + idx * score_stride;
                         const int64_t r = chunk_of(bd, nb, g.hi - 1) + 1;
@@ -414,7 +488,7 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
                 }
             }
         }
-        free(rq); free(sc); free(tmp); free(pieces); free(sel);
+        free(rq); free(sc); free(tmp); free(pieces); free(sel); free(kept);
     }
     free(qprefix); free(kprefix); free(rk);
     return status;
