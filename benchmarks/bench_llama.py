@@ -7,7 +7,7 @@ Different weights format and kernels (4-bit weights, llama.cpp's own
 attention), same model and prompt lengths. For each length L the prompt's
 first L tokens (PG essays from --haystack-dir, else generated filler) are
 evaluated in one ``Llama.eval`` call after ``Llama.reset`` (logits of the
-last position only), with llama.cpp's flash attention on and off; latency is
+last position only), with llama.cpp's flash attention on and / or off; latency is
 the best of --repeats prefills, peak RSS is the process's VmHWM (model
 included) after that length.
 
@@ -40,6 +40,8 @@ def main(argv=None) -> int:
                     help="lengths above this run one prefill (default: %(default)s)")
     ap.add_argument("--n-batch", type=int, default=2048)
     ap.add_argument("--n-ubatch", type=int, default=512)
+    ap.add_argument("--flash-attn", choices=["on", "off", "both"], default="both",
+                    help="llama.cpp's flash attention setting(s) to run (default: %(default)s)")
     ap.add_argument("--haystack-dir", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
         pass
     rows = []
     top = max(args.lengths)
-    for fa in (True, False):
+    for fa in {"on": (True,), "off": (False,), "both": (True, False)}[args.flash_attn]:
         llm = llama_cpp.Llama(model_path=path, n_ctx=top + 16, n_threads=args.threads,
                               n_threads_batch=args.threads, n_batch=args.n_batch,
                               n_ubatch=args.n_ubatch, flash_attn=fa, verbose=False,

@@ -1,7 +1,7 @@
 """SmolLM2 prefill with sdpa, eager and DHSA: latency, peak memory, attention share.
 
-One child process per context length (a fresh interpreter, so peak memory
-belongs to that length alone). In it, every method prefills the same prompt
+One child process per context length and method (a fresh interpreter, so
+peak memory belongs to that method alone). In it, every method prefills the same prompt
 (PG essays from --haystack-dir, else generated filler) with
 ``logits_to_keep=1`` (only the last position's logits, as generation does):
 latency is the best of --repeats prefills, peak RSS is VmHWM reset just
@@ -131,21 +131,27 @@ def main(argv=None) -> int:
     rows = []
     plan = [(L, True) for L in args.lengths] + [(L, False) for L in args.latency_only]
     for L, full in plan:
-        methods = [{"name": "dhsa", "budget": b} for b in args.budgets if b < L]
-        methods += [{"name": "sdpa"}] + ([{"name": "eager"}] if full else [])
-        spec = {"length": L, "methods": methods, "threads": args.threads,
-                "repeats": args.repeats if full else 1, "dense_layers": args.dense_layers,
-                "haystack_dir": args.haystack_dir}
+        methods = [{"name": "sdpa"}] + [{"name": "dhsa", "budget": b} for b in args.budgets
+                                        if b < L]
+        methods += [{"name": "eager"}] if full and L <= EAGER_MAX else []
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
-                               json.dumps(spec)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-2000:])
-            rows.append({"length": L, "method": "error", "error": proc.stderr[-300:]})
-            continue
-        got = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
-        sdpa = [r for r in got["rows"] if r["method"] == "sdpa"]
-        for r in got["rows"]:
+        got_rows = []
+        # one fresh process per method: its peak memory is its own (a method run
+        # after another would reuse the heap the first one grew)
+        for method in methods:
+            spec = {"length": L, "methods": [method], "threads": args.threads,
+                    "repeats": args.repeats if full else 1, "dense_layers": args.dense_layers,
+                    "haystack_dir": args.haystack_dir}
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
+                                   json.dumps(spec)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-2000:])
+                rows.append({"length": L, "method": "error", "error": proc.stderr[-300:]})
+                continue
+            got = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+            got_rows += got["rows"]
+        sdpa = [r for r in got_rows if r["method"] == "sdpa"]
+        for r in got_rows:
             if sdpa:
                 r["speedup_vs_sdpa"] = sdpa[0]["prefill_s"] / r["prefill_s"]
                 r["latency_change_pct"] = 100.0 * (r["prefill_s"] / sdpa[0]["prefill_s"] - 1.0)

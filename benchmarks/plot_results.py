@@ -111,8 +111,11 @@ def plot_model(plt, doc, llama, out: Path) -> bool:
                 att.append(0.0)
                 rest.append(lr[0]["prefill_s"])
         x = range(len(names))
-        ax.bar(x, rest, color="#9bb7d4", label="rest of the model")
+        colors = ["#bbbbbb" if n.startswith("llama") else "#9bb7d4" for n in names]
+        ax.bar(x, rest, color=colors, label="rest of the model")
         ax.bar(x, att, bottom=rest, color="#d4765f", label="attention")
+        if any(n.startswith("llama") for n in names):
+            ax.bar([], [], color="#bbbbbb", label="llama.cpp (total)")
         ax.set_xticks(list(x), names, fontsize=7)
         ax.set_title(f"L = {kfmt(L)}")
         ax.grid(alpha=0.3, axis="y")
