@@ -6,7 +6,7 @@ docs/img/:
 - ``scaling_vs_length.png`` (bench_sparse, bench_sparse_long): time vs L for
   torch SDPA, the dense C kernel and DHSA (log-log: O(L^2) against
   O(L * budget)), and the speed-up over torch with the ideal 1 / density;
-- ``model_prefill.png`` (bench_model, bench_llama): SmolLM2 prefill time per
+- ``model_prefill.png`` (bench_model, bench_llama, bench_llama_32k): SmolLM2 prefill time per
   method and length, split into attention and the rest;
 - ``thread_scaling.png`` (bench_threads*): speed-up over 1 thread.
 
@@ -27,6 +27,16 @@ HERE = Path(__file__).resolve().parent
 def load(results: Path, name: str):
     p = results / f"{name}.json"
     return json.loads(p.read_text()) if p.exists() else None
+
+
+def merged(results: Path, *names: str):
+    """The first file's document with the rows of the others appended."""
+    docs = [d for d in (load(results, n) for n in names) if d]
+    if not docs:
+        return None
+    doc = dict(docs[0])
+    doc["rows"] = [r for d in docs for r in d["rows"]]
+    return doc
 
 
 def kfmt(L: int) -> str:
@@ -114,13 +124,16 @@ def plot_model(plt, doc, llama, out: Path) -> bool:
         colors = ["#bbbbbb" if n.startswith("llama") else "#9bb7d4" for n in names]
         ax.bar(x, rest, color=colors, label="rest of the model")
         ax.bar(x, att, bottom=rest, color="#d4765f", label="attention")
-        if any(n.startswith("llama") for n in names):
-            ax.bar([], [], color="#bbbbbb", label="llama.cpp (total)")
         ax.set_xticks(list(x), names, fontsize=7)
         ax.set_title(f"L = {kfmt(L)}")
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel("prefill seconds (2 threads)")
-    axes[0][0].legend(fontsize=7, loc="upper left")
+    from matplotlib.patches import Patch
+    handles = [Patch(color="#9bb7d4", label="rest of the model"),
+               Patch(color="#d4765f", label="attention")]
+    if llama:
+        handles.append(Patch(color="#bbbbbb", label="llama.cpp (total)"))
+    axes[0][0].legend(handles=handles, fontsize=7, loc="upper left")
     fig.suptitle("SmolLM2-135M prefill: attention vs the rest (llama.cpp: total only)",
                  fontsize=10)
     fig.tight_layout()
@@ -173,7 +186,8 @@ def main(argv=None) -> int:
     done = {
         "scaling_vs_length": plot_scaling(plt, [load(res, "bench_sparse"),
                                                 load(res, "bench_sparse_long")], out),
-        "model_prefill": plot_model(plt, load(res, "bench_model"), load(res, "bench_llama"), out),
+        "model_prefill": plot_model(plt, load(res, "bench_model"), merged(res, "bench_llama",
+                                                                          "bench_llama_32k"), out),
         "thread_scaling": plot_threads(plt, load(res, "bench_threads_16core")
                                        or load(res, "bench_threads"), out),
     }
