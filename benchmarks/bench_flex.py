@@ -112,7 +112,7 @@ def main(argv=None) -> int:
 
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    H, Hkv, D = (int(x) for x in args.shape.split("/"))
+    H, Hkv, D, _ = common.parse_shapes(args.shape)[0]
     started = common.utc_now()
     machine = common.machine_info()
     peak = common.SgemmPeak(threads)

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     torch = None if args.no_torch else common.load_torch()
     if torch is not None:
         import torch.nn.functional as F
-    H, Hkv, D = (int(x) for x in args.shape.split("/"))
+    H, Hkv, D, _ = common.parse_shapes(args.shape)[0]
     cfg = dhsa.DHSAConfig(budget=args.budget)
     started = common.utc_now()
     machine = common.machine_info()

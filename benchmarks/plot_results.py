@@ -43,6 +43,18 @@ def kfmt(L: int) -> str:
     return f"{L // 1024}K" if L % 1024 == 0 else str(L)
 
 
+def log_axes(ax, ticks, labels, ybase, xlabel, ylabel, title) -> None:
+    """Log-2 x axis at the given ticks, log y axis, labels, grid and legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=ybase)
+    ax.set_xticks(ticks, labels)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
 def plot_scaling(plt, docs, out: Path) -> bool:
     rows = [r for d in docs if d for r in d["rows"] if r.get("H") == 9 and r.get("budget") == 2048]
     if not rows:
@@ -59,14 +71,8 @@ def plot_scaling(plt, docs, out: Path) -> bool:
                and not by_L[L].get(key.replace("_ms", "_skipped"), False)]
         if pts:
             a1.plot(*zip(*pts), style, label=label)
-    a1.set_xscale("log", base=2)
-    a1.set_yscale("log")
-    a1.set_xticks(Ls, [kfmt(L) for L in Ls])
-    a1.set_xlabel("context length L (causal prefill, H=9, Hkv=3, D=64)")
-    a1.set_ylabel("seconds (best of the timed calls)")
-    a1.set_title("time vs length: O(L²) against O(L·budget)")
-    a1.grid(alpha=0.3, which="both")
-    a1.legend(fontsize=8)
+    log_axes(a1, Ls, [kfmt(L) for L in Ls], 10, "context length L (causal prefill, H=9, Hkv=3, D=64)",
+             "seconds (best of the timed calls)", "time vs length: O(L²) against O(L·budget)")
     pts = [(L, by_L[L]["speedup_vs_torch"]) for L in Ls if by_L[L].get("speedup_vs_torch")]
     if pts:
         a2.plot(*zip(*pts), "^-", label="DHSA vs torch SDPA")
@@ -77,14 +83,8 @@ def plot_scaling(plt, docs, out: Path) -> bool:
         a2.plot(*zip(*pts), "s-", label="dense kernel vs torch SDPA")
     a2.plot(Ls, [by_L[L]["ideal_speedup"] for L in Ls], "k--", lw=1,
             label="ideal (1 / density)")
-    a2.set_xscale("log", base=2)
-    a2.set_yscale("log", base=2)
-    a2.set_xticks(Ls, [kfmt(L) for L in Ls])
-    a2.set_xlabel("context length L")
-    a2.set_ylabel("speed-up over torch SDPA (×)")
-    a2.set_title("speed-up, same machine, same run")
-    a2.grid(alpha=0.3, which="both")
-    a2.legend(fontsize=8)
+    log_axes(a2, Ls, [kfmt(L) for L in Ls], 2, "context length L",
+             "speed-up over torch SDPA (×)", "speed-up, same machine, same run")
     fig.tight_layout()
     fig.savefig(out / "scaling_vs_length.png", dpi=110)
     plt.close(fig)
@@ -158,15 +158,10 @@ def plot_threads(plt, doc, out: Path) -> bool:
         if pts:
             ax.plot(*zip(*pts), style, label=label)
     ax.plot(counts, counts, "k--", lw=1, label="linear")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xticks(counts, [str(c) for c in counts])
-    ax.set_xlabel("threads")
-    ax.set_ylabel("speed-up over 1 thread")
     cpu = doc["machine"].get("cpu", {}).get("model", "")
-    ax.set_title(f"L = {kfmt(L)}, {cpu[:40]}", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    log_axes(ax, counts, [str(c) for c in counts], 2, "threads", "speed-up over 1 thread",
+             f"L = {kfmt(L)}, {cpu[:40]}")
+    ax.title.set_fontsize(9)
     fig.tight_layout()
     fig.savefig(out / "thread_scaling.png", dpi=110)
     plt.close(fig)

@@ -48,7 +48,7 @@ static tile_plan plan_tiles(void) {
     p.rows = TILE_ROWS;
 #endif
     /* the QK tile kernel writes whole 32-key blocks of the S tile */
-    p.tile_k = (p.tile_k + DHSA_TILE_KEYS - 1) / DHSA_TILE_KEYS * DHSA_TILE_KEYS;
+    p.tile_k = DHSA_ROUND_UP(p.tile_k, DHSA_TILE_KEYS);
     return p;
 }
 
@@ -68,7 +68,7 @@ typedef struct {
 static int scratch_init(tile_scratch *w, int64_t rows_cap, int64_t D, int64_t tile_k,
                         int64_t gather_cap, int half) {
     /* the tile kernels work on whole 8-row blocks: room for the padding rows */
-    rows_cap = (rows_cap + DHSA_TILE_ROWS - 1) / DHSA_TILE_ROWS * DHSA_TILE_ROWS;
+    rows_cap = DHSA_ROUND_UP(rows_cap, DHSA_TILE_ROWS);
     w->rows_cap = rows_cap;
     w->D = D;
     w->tile_k = tile_k;
@@ -190,12 +190,13 @@ static int attn_ranges_check(attn_ranges *r, const float *q, const void *k, cons
 
 /* Online-softmax pass of R = nh * nq rows (pre-scaled queries in w->qt,
  * row r is query r % nq at position pos0 + r % nq) over a key list, in tiles
- * of w->tile_k keys: S = Q K^T and O += P V by sgemm. */
+ * of w->tile_k keys: S = Q K^T and O += P V by the tile kernels (or sgemm). */
 static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, const attn_ranges *rg,
                         int64_t R, int64_t nq, int64_t pos0, const key_list *kl) {
     const int64_t D = s->D, TK = w->tile_k, pos_last = pos0 + nq - 1;
     const int use_blas = rg->tile_path == DHSA_TILE_BLAS;
-    const int64_t R_pad = (R + DHSA_TILE_ROWS - 1) / DHSA_TILE_ROWS * DHSA_TILE_ROWS;
+    const int64_t R_pad = DHSA_ROUND_UP(R, DHSA_TILE_ROWS);
+    const size_t esz = kl->half ? sizeof(uint16_t) : sizeof(float);
     int64_t lo0, hi0, lo1, hi1;
     visible_keys(s, pos0, &lo0, &hi0);
     visible_keys(s, pos_last, &lo1, &hi1);
@@ -203,22 +204,25 @@ static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, const attn_ra
         const int64_t t1 = DHSA_MIN(kl->n, t0 + TK), nk = t1 - t0;
         /* mask only tiles that cross the diagonal or a window edge */
         const int need_mask = key_pos(kl, t0) < lo1 || key_pos(kl, t1 - 1) >= hi0;
-        const float *kt, *vt;
-        if (kl->half) { /* float16 storage: widen this tile once, reuse for all rows */
-            dhsa_half_to_float(w->kt, (const uint16_t *)kl->k + t0 * D, nk * D);
+        /* float16 storage: V widened once per tile and reused by every row; K
+         * widened too for sgemm, else inside the transpose */
+        const void *ktile = (const char *)kl->k + (size_t)(t0 * D) * esz;
+        const float *vt = (const float *)kl->v + t0 * D;
+        if (kl->half) {
             dhsa_half_to_float(w->vt, (const uint16_t *)kl->v + t0 * D, nk * D);
-            kt = w->kt;
             vt = w->vt;
-        } else {
-            kt = (const float *)kl->k + t0 * D;
-            vt = (const float *)kl->v + t0 * D;
         }
         if (use_blas) {
+            const float *kt = (const float *)ktile;
+            if (kl->half) {
+                dhsa_half_to_float(w->kt, (const uint16_t *)ktile, nk * D);
+                kt = w->kt;
+            }
             dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)R, (int)nk, (int)D,
                        rg->s_alpha, w->qt, (int)D, kt, (int)D, 0.0f, w->s, (int)TK);
         } else { /* padded to whole blocks: zero q rows, zero kt columns */
-            const int64_t nk_pad = (nk + DHSA_TILE_KEYS - 1) / DHSA_TILE_KEYS * DHSA_TILE_KEYS;
-            dhsa_tile_transpose(w->ktr, TK, kt, nk, nk_pad, D);
+            const int64_t nk_pad = DHSA_ROUND_UP(nk, DHSA_TILE_KEYS);
+            dhsa_tile_transpose(w->ktr, TK, ktile, kl->half, nk, nk_pad, D);
             dhsa_tile_qk(rg->tile_path, w->s, TK, w->qt, w->ktr, TK, R_pad, nk_pad, D,
                          rg->s_alpha);
         }
@@ -277,7 +281,7 @@ static void attend_item(tile_scratch *w, float *out, const float *q, const void 
         float *dst = w->qt + hh * nq * D;
         for (int64_t x = 0; x < nq * D; x++) dst[x] = src[x] * rg->q_scale;
     }
-    const int64_t R_pad = (R + DHSA_TILE_ROWS - 1) / DHSA_TILE_ROWS * DHSA_TILE_ROWS;
+    const int64_t R_pad = DHSA_ROUND_UP(R, DHSA_TILE_ROWS);
     memset(w->qt + R * D, 0, (size_t)((R_pad - R) * D) * sizeof(float));
     memset(w->o, 0, (size_t)(R_pad * D) * sizeof(float));
     for (int64_t r = 0; r < R; r++) { w->m[r] = -INFINITY; w->l[r] = 0.0f; }

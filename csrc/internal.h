@@ -20,6 +20,8 @@
 #define dhsa_dgemm DHSA_BLAS(cblas_dgemm)
 
 #define DHSA_MIN(a, b) ((a) < (b) ? (a) : (b))
+/* x rounded up to a multiple of n (x >= 0, n > 0) */
+#define DHSA_ROUND_UP(x, n) (((x) + (n) - 1) / (n) * (n))
 #define DHSA_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define DHSA_CACHE_LINE 64
 
@@ -54,9 +56,9 @@ int dhsa_simd_avx512_on(void);
  * DHSA_TILE_ROWS and (QK) nk_pad a multiple of DHSA_TILE_KEYS; see there. */
 #define DHSA_TILE_ROWS 8
 #define DHSA_TILE_KEYS 32
-/* kt (D, ld) = k (nk, D)^T, columns [nk, nk_pad) zeroed */
-void dhsa_tile_transpose(float *kt, int64_t ld, const float *k, int64_t nk, int64_t nk_pad,
-                         int64_t D);
+/* kt (D, ld) = k (nk, D)^T, k float32 or (half) float16; columns [nk, nk_pad) zeroed */
+void dhsa_tile_transpose(float *kt, int64_t ld, const void *k, int half, int64_t nk,
+                         int64_t nk_pad, int64_t D);
 /* s (R, nk_pad; row stride lds) = alpha * q (R, D) . kt (D, nk_pad; stride ldk) */
 void dhsa_tile_qk(int path, float *s, int64_t lds, const float *q, const float *kt,
                   int64_t ldk, int64_t R, int64_t nk_pad, int64_t D, float alpha);
@@ -68,10 +70,9 @@ void dhsa_tile_qk_scalar(float *s, int64_t lds, const float *q, const float *kt,
 void dhsa_tile_pv_scalar(float *o, const float *p, int64_t ldp, const float *v, int64_t R,
                          int64_t nk, int64_t D);
 
-/* Column ranges [d0, d1) of dhsa_repr_prefix_sums / _every (no checks;
- * bit-identical to the whole call), for filling them in parallel. */
-void dhsa_repr_prefix_sums_cols(double *prefix, const float *x, int64_t L, int64_t D,
-                                int64_t nheads, int64_t head_stride, int64_t d0, int64_t d1);
+/* Column range [d0, d1) of dhsa_repr_prefix_sums_every (step 1: of
+ * dhsa_repr_prefix_sums); no checks, bit-identical to the whole call, for
+ * filling the columns in parallel. */
 void dhsa_repr_prefix_sums_every_cols(double *out, const float *x, int64_t L, int64_t D,
                                       int64_t nheads, int64_t head_stride, int64_t step,
                                       int64_t d0, int64_t d1);

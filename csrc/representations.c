@@ -14,58 +14,46 @@
 #include <math.h>
 #include "internal.h"
 
-/* Columns [d0, d1) of prefix (L + 1, D): every column is its own sequential
- * sum, so column ranges can be filled by different threads and the result
- * stays bit-identical to one pass. */
-void dhsa_repr_prefix_sums_cols(double *prefix, const float *x, int64_t L, int64_t D,
-                                int64_t nheads, int64_t head_stride, int64_t d0, int64_t d1) {
-    for (int64_t d = d0; d < d1; d++) prefix[d] = 0.0;
-    for (int64_t t = 0; t < L; t++) {
-        double *dst = prefix + (t + 1) * D;
-        const double *prev = prefix + t * D;
-        for (int64_t d = d0; d < d1; d++) {
-            double acc = 0.0;
-            for (int64_t h = 0; h < nheads; h++) acc += (double)x[h * head_stride + t * D + d];
-            dst[d] = prev[d] + acc / (double)nheads;
-        }
-    }
-}
-
 /* prefix (L + 1, D) from x: nheads heads of (L, D), head_stride floats apart. */
 int dhsa_repr_prefix_sums(double *prefix, const float *x, int64_t L, int64_t D,
                           int64_t nheads, int64_t head_stride) {
     if (!prefix || !x || L <= 0 || D <= 0 || nheads <= 0) return DHSA_EINVAL;
-    dhsa_repr_prefix_sums_cols(prefix, x, L, D, nheads, head_stride, 0, D);
+    dhsa_repr_prefix_sums_every_cols(prefix, x, L, D, nheads, head_stride, 1, 0, D);
     return DHSA_OK;
 }
 
-/* Columns [d0, d1) of the strided running sums below (D <= 256). */
+/* Columns [d0, d1) of the running sums, stored every `step` rows.
+ * Every column is its own sequential sum, so column ranges can be filled by
+ * different threads and the result stays bit-identical to one pass; step 1
+ * gives every row. */
 void dhsa_repr_prefix_sums_every_cols(double *out, const float *x, int64_t L, int64_t D,
                                       int64_t nheads, int64_t head_stride, int64_t step,
                                       int64_t d0, int64_t d1) {
     double run[256];
-    for (int64_t d = d0; d < d1; d++) run[d - d0] = out[d] = 0.0;
-    int64_t row = 1;
-    for (int64_t t = 0; t < L; t++) {
-        for (int64_t d = d0; d < d1; d++) {
-            double acc = 0.0;
-            for (int64_t h = 0; h < nheads; h++) acc += (double)x[h * head_stride + t * D + d];
-            run[d - d0] = run[d - d0] + acc / (double)nheads;
-        }
-        if ((t + 1) % step == 0 || t + 1 == L) {
-            for (int64_t d = d0; d < d1; d++) out[row * D + d] = run[d - d0];
-            row++;
+    for (int64_t c0 = d0; c0 < d1; c0 += 256) { /* 256 running sums at a time */
+        const int64_t c1 = DHSA_MIN(d1, c0 + 256);
+        for (int64_t d = c0; d < c1; d++) run[d - c0] = out[d] = 0.0;
+        int64_t row = 1;
+        for (int64_t t = 0; t < L; t++) {
+            for (int64_t d = c0; d < c1; d++) {
+                double acc = 0.0;
+                for (int64_t h = 0; h < nheads; h++) acc += (double)x[h * head_stride + t * D + d];
+                run[d - c0] = run[d - c0] + acc / (double)nheads;
+            }
+            if ((t + 1) % step == 0 || t + 1 == L) {
+                for (int64_t d = c0; d < c1; d++) out[row * D + d] = run[d - c0];
+                row++;
+            }
         }
     }
 }
 
 /* out (ceil(L / step) + 1, D): the rows t = 0, step, 2 step, ..., L of the
- * running sums above, computed the same way (so bit-identical) but stored
+ * running sums of dhsa_repr_prefix_sums, computed the same way (so bit-identical) but stored
  * only where a block starts: O(L / step * D) memory. */
 int dhsa_repr_prefix_sums_every(double *out, const float *x, int64_t L, int64_t D,
                                 int64_t nheads, int64_t head_stride, int64_t step) {
-    if (!out || !x || L <= 0 || D <= 0 || D > 256 || nheads <= 0 || step <= 0)
-        return DHSA_EINVAL;
+    if (!out || !x || L <= 0 || D <= 0 || nheads <= 0 || step <= 0) return DHSA_EINVAL;
     dhsa_repr_prefix_sums_every_cols(out, x, L, D, nheads, head_stride, step, 0, D);
     return DHSA_OK;
 }

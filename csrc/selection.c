@@ -173,48 +173,43 @@ static int piece_cmp(const void *x, const void *y) {
     return (a->a > b->a) - (a->a < b->a);
 }
 
-/* max-heap of pieces under piece_cmp (best score, then earliest start) */
-static void sift_down(piece *h, int64_t n, int64_t i) {
+/* Heaps of pieces under piece_cmp (best score, then earliest start): the
+ * best piece on top (BEST_ON_TOP) or the worst (WORST_ON_TOP). */
+enum { BEST_ON_TOP = 1, WORST_ON_TOP = -1 };
+
+static inline int above(const piece *a, const piece *b, int order) {
+    return order * piece_cmp(a, b) < 0;
+}
+
+static void sift_down(piece *h, int64_t n, int64_t i, int order) {
     for (;;) {
-        int64_t best = i, l = 2 * i + 1, r = l + 1;
-        if (l < n && piece_cmp(&h[l], &h[best]) < 0) best = l;
-        if (r < n && piece_cmp(&h[r], &h[best]) < 0) best = r;
-        if (best == i) return;
-        piece t = h[i]; h[i] = h[best]; h[best] = t;
-        i = best;
+        int64_t top = i, l = 2 * i + 1, r = l + 1;
+        if (l < n && above(&h[l], &h[top], order)) top = l;
+        if (r < n && above(&h[r], &h[top], order)) top = r;
+        if (top == i) return;
+        piece t = h[i]; h[i] = h[top]; h[top] = t;
+        i = top;
     }
 }
 
-static void heapify(piece *h, int64_t n) {
-    for (int64_t i = n / 2 - 1; i >= 0; i--) sift_down(h, n, i);
-}
-
-static piece heap_pop(piece *h, int64_t *n) {
-    piece top = h[0];
-    h[0] = h[--(*n)];
-    sift_down(h, *n, 0);
-    return top;
-}
-
-/* The other order: a heap with the worst kept piece on top. */
-static void worst_sift_up(piece *h, int64_t i) {
+static void sift_up(piece *h, int64_t i, int order) {
     while (i > 0) {
         const int64_t up = (i - 1) / 2;
-        if (piece_cmp(&h[i], &h[up]) <= 0) return; /* not worse than its parent */
+        if (!above(&h[i], &h[up], order)) return;
         piece t = h[i]; h[i] = h[up]; h[up] = t;
         i = up;
     }
 }
 
-static void worst_sift_down(piece *h, int64_t n, int64_t i) {
-    for (;;) {
-        int64_t worst = i, l = 2 * i + 1, r = l + 1;
-        if (l < n && piece_cmp(&h[l], &h[worst]) > 0) worst = l;
-        if (r < n && piece_cmp(&h[r], &h[worst]) > 0) worst = r;
-        if (worst == i) return;
-        piece t = h[i]; h[i] = h[worst]; h[worst] = t;
-        i = worst;
-    }
+static void heapify(piece *h, int64_t n) {
+    for (int64_t i = n / 2 - 1; i >= 0; i--) sift_down(h, n, i, BEST_ON_TOP);
+}
+
+static piece heap_pop(piece *h, int64_t *n, int order) {
+    piece top = h[0];
+    h[0] = h[--(*n)];
+    sift_down(h, *n, 0, order);
+    return top;
 }
 
 /* The best pieces (piece_cmp order) whose lengths first reach `need`,
@@ -231,12 +226,11 @@ typedef struct {
 static void cover_offer(cover_heap *c, const piece *pc) {
     if (c->need <= 0 || (c->tok >= c->need && piece_cmp(pc, &c->h[0]) > 0)) return;
     c->h[c->n] = *pc;
-    worst_sift_up(c->h, c->n++);
+    sift_up(c->h, c->n++, WORST_ON_TOP);
     c->tok += pc->b - pc->a;
     while (c->n > 1 && c->tok - (c->h[0].b - c->h[0].a) >= c->need) {
-        c->tok -= c->h[0].b - c->h[0].a;
-        c->h[0] = c->h[--c->n];
-        worst_sift_down(c->h, c->n, 0);
+        const piece out = heap_pop(c->h, &c->n, WORST_ON_TOP);
+        c->tok -= out.b - out.a;
     }
 }
 
@@ -359,7 +353,7 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const block_geom *g,
             if (tokens >= hi_clamp) break;
             const int reached = acc >= target;
             if (reached && tokens >= lo_clamp) break;
-            const piece pc = heap_pop(pieces, &heap_n);
+            const piece pc = heap_pop(pieces, &heap_n, BEST_ON_TOP);
             const int64_t limit = reached ? lo_clamp : hi_clamp;
             const int64_t len = pc.b - pc.a;
             const int64_t take = DHSA_MIN(len, limit - tokens);
@@ -440,7 +434,7 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
             /* one column block per thread, whole cache lines of floats, so
              * every line of q and k is read by one thread only */
             int64_t width = (D + omp_threads() - 1) / omp_threads();
-            width = (width + 15) / 16 * 16;
+            width = DHSA_ROUND_UP(width, 16);
             const int64_t ncol = (D + width - 1) / width;
 #pragma omp for schedule(dynamic, 1)
             for (int64_t job = 0; job < 2 * ncol; job++) {
@@ -449,8 +443,8 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
                     dhsa_repr_prefix_sums_every_cols(qprefix, q + (b * s->H + qh0) * s->Lq * D,
                                                      s->Lq, D, nqh, s->Lq * D, bs, d0, d1);
                 else if (new_k)
-                    dhsa_repr_prefix_sums_cols(kprefix, k + (b * s->Hkv + kh0) * s->Lk * D,
-                                               s->Lk, D, nkh, s->Lk * D, d0, d1);
+                    dhsa_repr_prefix_sums_every_cols(kprefix, k + (b * s->Hkv + kh0) * s->Lk * D,
+                                                     s->Lk, D, nkh, s->Lk * D, 1, d0, d1);
             } /* implicit barrier: running sums complete */
             if (new_k) {
 #pragma omp for schedule(static)

@@ -62,19 +62,25 @@ const char *dhsa_tile_path_name(int path) {
     }
 }
 
-/* kt (D, ld) = k (nk, D) transposed; columns [nk, nk_pad) set to 0. */
-void dhsa_tile_transpose(float *kt, int64_t ld, const float *k, int64_t nk, int64_t nk_pad,
-                         int64_t D) {
+/* kt (D, ld) = k (nk, D) transposed, float16 rows widened on the way (one
+ * pass over the tile either way); columns [nk, nk_pad) set to 0. D <= 256. */
+void dhsa_tile_transpose(float *kt, int64_t ld, const void *k, int half, int64_t nk,
+                         int64_t nk_pad, int64_t D) {
+    float wide[8 * 256];
     /* 8 keys at a time: each k row is read once, 8 output rows are written
-     * in runs of 8 consecutive floats */
-    int64_t j0 = 0;
-    for (; j0 + 8 <= nk; j0 += 8)
+     * in runs of up to 8 consecutive floats */
+    for (int64_t j0 = 0; j0 < nk; j0 += 8) {
+        const int64_t n = DHSA_MIN(8, nk - j0);
+        const float *rows = (const float *)k + j0 * D;
+        if (half) {
+            dhsa_half_to_float(wide, (const uint16_t *)k + j0 * D, n * D);
+            rows = wide;
+        }
         for (int64_t d = 0; d < D; d++)
-            for (int64_t j = 0; j < 8; j++) kt[d * ld + j0 + j] = k[(j0 + j) * D + d];
-    for (int64_t d = 0; d < D; d++) {
-        for (int64_t j = j0; j < nk; j++) kt[d * ld + j] = k[j * D + d];
-        for (int64_t j = nk; j < nk_pad; j++) kt[d * ld + j] = 0.0f;
+            for (int64_t j = 0; j < n; j++) kt[d * ld + j0 + j] = rows[j * D + d];
     }
+    for (int64_t d = 0; d < D; d++)
+        for (int64_t j = nk; j < nk_pad; j++) kt[d * ld + j] = 0.0f;
 }
 
 /* ---- scalar twins ------------------------------------------------------ */

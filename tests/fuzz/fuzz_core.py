@@ -26,9 +26,9 @@ tests/test_fuzz_smoke.py). The C core is not coverage-instrumented (gcc has
 no -fsanitize=fuzzer), so atheris is guided by the decoder's Python coverage
 only; run it under scripts/sanitize.sh's build for memory errors.
 
-Known open issues would be tolerated (and counted) so that the fuzzer keeps
-finding new ones, each with a strict-xfail regression test (KNOWN_ISSUES;
-none are open).
+Every outcome other than a clean result or an allowed exception is a
+finding: the bugs it found (logits or P V sums past float32, OverflowError
+from count_pairs) are fixed and pinned by tests/test_limits.py.
 """
 from __future__ import annotations
 
@@ -51,12 +51,6 @@ from _layouts import with_layout  # noqa: E402
 from dhsa import _core  # noqa: E402
 
 ALLOWED = (ValueError, TypeError, MemoryError)
-
-# Open issues the fuzzer may hit, tolerated and counted (id -> description);
-# each needs a strict-xfail regression test. Empty: the overflow and
-# exception-type issues it found (logits or P V sums past float32, OverflowError
-# from count_pairs) are fixed and their tests in tests/test_limits.py pass.
-KNOWN_ISSUES: dict = {}
 
 # ---- byte decoder ------------------------------------------------------------
 
@@ -403,7 +397,7 @@ def _max_abs(x):
 
 
 def check_result(kind, args, kw, res) -> str:
-    """'ok' or the id of a tolerated known issue; AssertionError on a finding."""
+    """'ok', or AssertionError on a finding."""
     if kind in ("dense", "sparse"):
         q = args[0]
         assert isinstance(res, np.ndarray), type(res)
@@ -435,11 +429,6 @@ def check_result(kind, args, kw, res) -> str:
         assert np.all(sel >= 0) and np.all(sel <= allowed), (sel, allowed)
         return "ok"
     raise AssertionError(kind)
-
-
-def known_exception(kind, exc, kw):
-    """The KNOWN_ISSUES id an unexpected exception belongs to (None: a finding)."""
-    return None
 
 
 def describe(kind, args, kw) -> str:
@@ -480,18 +469,13 @@ def one_input(data: bytes) -> str:
     except ALLOWED as e:
         outcome = type(e).__name__
     except Exception as e:  # noqa: BLE001 - every other exception is a finding
-        known = known_exception(kind, e, kw)
-        if known is None:
-            raise AssertionError(f"unexpected {type(e).__name__}: {e}\n  "
-                                 f"{describe(kind, args, kw)}") from e
-        outcome = "known:" + known
+        raise AssertionError(f"unexpected {type(e).__name__}: {e}\n  "
+                             f"{describe(kind, args, kw)}") from e
     else:
         try:
             outcome = check_result(kind, args, kw, res)
         except AssertionError as e:
             raise AssertionError(f"bad result: {e}\n  {describe(kind, args, kw)}") from e
-        if outcome != "ok":
-            outcome = "known:" + outcome
     for a, (vals, strides, writeable) in zip(arrays, snap):
         if a.dtype == object:
             continue
