@@ -33,7 +33,24 @@ def _preload_openblas() -> None:
             os.environ["OPENBLAS_NUM_THREADS"] = saved
 
 
+def _import_core():
+    try:
+        from . import _core
+    except ImportError as exc:
+        here = os.path.dirname(os.path.abspath(__file__))
+        if importlib.util.find_spec("dhsa._core") is None:
+            # the usual cause: a source checkout's dhsa/ (no compiled extension) found
+            # before the installed package, as `python -m dhsa` run from the clone's root does
+            raise ImportError(
+                f"dhsa is imported from {here}, which holds no compiled extension "
+                "(dhsa/_core*.so). If that is a source checkout, install it in editable "
+                "mode (pip install -e .) so the extension is built there, or run Python "
+                "from outside the checkout to use the installed package.") from exc
+        raise
+    return _core
+
+
 _preload_openblas()
-from . import _core  # noqa: E402
+_core = _import_core()
 
 __all__ = ["_core"]
