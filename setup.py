@@ -30,8 +30,9 @@ core = Extension(
     include_dirs=["csrc", numpy.get_include(), scipy_openblas32.get_include_dir()],
     library_dirs=[scipy_openblas32.get_lib_dir()],
     libraries=[scipy_openblas32.get_library()],
-    # installed next to each other in site-packages; dhsa/__init__ also
-    # preloads the library for editable installs
+    # installed next to each other in site-packages; dhsa/_loader.py also
+    # preloads the library (found through scipy_openblas32's location), which
+    # editable installs need
     runtime_library_dirs=["$ORIGIN/../scipy_openblas32/lib"],
     define_macros=[("DHSA_BLAS_PREFIX_SCIPY", "1"), ("_GNU_SOURCE", "1")],
     extra_compile_args=compile_args,

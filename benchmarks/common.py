@@ -39,19 +39,20 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 
-# import dhsa first: both it and torch want a libgomp.so.1, and whichever is
-# loaded first serves both (one OpenMP runtime in the process)
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-import numpy as np  # noqa: E402
+import numpy as np
 
-import dhsa  # noqa: E402
+import dhsa
+from dhsa import rules
+from dhsa.harness.memory import reset_peak_rss as _reset_hwm
+from dhsa.harness.memory import rss_kib as _status_kib
 
 torch = None  # set by load_torch(); optional, its columns are skipped without it
 
 
 def load_torch():
-    """Import torch if installed (after dhsa); returns the module or None."""
+    """Import torch if installed; returns the module or None. (Either order of
+    importing torch and dhsa works: both link libgomp.so.1 and the first one
+    loaded serves both, one OpenMP runtime in the process.)"""
     global torch
     if torch is None:
         try:
@@ -225,10 +226,67 @@ def describe_machine(info: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_OPENBLAS = None
+
+
+def _openblas():
+    """dhsa's OpenBLAS (the library dhsa/_loader.py loads), its cblas_sgemm typed,
+    kept at one thread: each of our threads runs a single-threaded sgemm."""
+    global _OPENBLAS
+    if _OPENBLAS is None:
+        import ctypes
+        from dhsa import _loader
+
+        lib = ctypes.CDLL(_loader._openblas_path())  # already loaded: the same library
+        c_int, c_ptr = ctypes.c_int, ctypes.c_void_p
+        lib.scipy_cblas_sgemm.argtypes = [c_int] * 6 + [ctypes.c_float, c_ptr, c_int, c_ptr,
+                                                        c_int, ctypes.c_float, c_ptr, c_int]
+        lib.scipy_cblas_sgemm.restype = None
+        lib.scipy_openblas_set_num_threads(1)
+        _OPENBLAS = lib
+    return _OPENBLAS
+
+
 def sgemm_rate(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """Best GFLOP/s of an n x n OpenBLAS sgemm split over ``threads`` (the
-    practical float32 peak that an attention kernel could reach here)."""
-    return float(dhsa._core.sgemm_rate(int(n), int(threads), int(repeats)))
+    """Best GFLOP/s of C = A B (n x n float32) with the rows of C split over
+    ``threads`` Python threads, each a single-threaded OpenBLAS sgemm (ctypes
+    releases the GIL, so they run in parallel): the practical float32 peak an
+    attention kernel could reach here. GFLOP/s = 2 n**3 / seconds / 1e9."""
+    import threading
+
+    threads, n, repeats = int(threads), int(n), int(repeats)
+    if not (16 <= n <= 16384 and threads >= 1 and repeats >= 1):
+        raise ValueError("sgemm_rate: need 16 <= n <= 16384, threads >= 1, repeats >= 1")
+    lib = _openblas()
+    i = np.arange(n * n, dtype=np.int64)
+    A = ((i * 7) % 13).astype(np.float32).reshape(n, n) * np.float32(0.01)
+    B = ((i * 5) % 11).astype(np.float32).reshape(n, n) * np.float32(0.01)
+    C = np.empty((n, n), np.float32)
+    row_major, no_trans = 101, 111
+    start, end = threading.Barrier(threads + 1), threading.Barrier(threads + 1)
+
+    def work(t: int) -> None:
+        r0, r1 = n * t // threads, n * (t + 1) // threads
+        for _ in range(repeats):
+            start.wait()
+            if r1 > r0:
+                lib.scipy_cblas_sgemm(row_major, no_trans, no_trans, r1 - r0, n, n, 1.0,
+                                      A[r0:].ctypes.data, n, B.ctypes.data, n, 0.0,
+                                      C[r0:].ctypes.data, n)
+            end.wait()
+
+    pool = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(threads)]
+    for th in pool:
+        th.start()
+    best = 0.0
+    for _ in range(repeats):
+        start.wait()
+        t0 = time.perf_counter()
+        end.wait()
+        best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t0) * 1e-9)
+    for th in pool:
+        th.join()
+    return best
 
 
 # ----------------------------------------------------------------------------
@@ -465,12 +523,8 @@ def add_timing_arguments(p, repeats: int, scope: str) -> None:
 
 def causal_pairs(Lq: int, Lk: Optional[int] = None, causal: bool = True) -> int:
     """Query-key pairs one head computes: queries are the last Lq of Lk
-    positions; causal keeps key j <= position p. L(L+1)/2 for Lq = Lk = L."""
-    Lk = Lq if Lk is None else Lk
-    if not causal:
-        return Lq * Lk
-    # sum over p = Lk-Lq .. Lk-1 of (p + 1)
-    return Lq * Lk - Lq * (Lq - 1) // 2
+    positions (:func:`dhsa.rules.allowed_pairs`). L(L+1)/2 for Lq = Lk = L."""
+    return rules.allowed_pairs(Lq, Lk, causal)
 
 
 def dense_flops(B: int, H: int, L: int, D: int, Lk: Optional[int] = None,
@@ -487,16 +541,12 @@ def selected_head_pairs(selection, H: int) -> int:
     head, H per query head)."""
     if selection.pairs_selected is None:
         raise ValueError("selection has no pair counts")
-    groups = int(selection.groups)
-    if H % groups:
-        raise ValueError(f"H={H} is not a multiple of the selection groups ({groups})")
-    return int(np.asarray(selection.pairs_selected, dtype=np.int64).sum()) * (H // groups)
+    return rules.head_pairs(selection.pairs_selected, selection.groups, H)
 
 
 def allowed_head_pairs(selection, H: int) -> int:
     """Same as :func:`selected_head_pairs` for the causally allowed pairs."""
-    groups = int(selection.groups)
-    return int(np.asarray(selection.pairs_allowed, dtype=np.int64).sum()) * (H // groups)
+    return rules.head_pairs(selection.pairs_allowed, selection.groups, H)
 
 
 def sparse_flops(selection, H: int, D: int) -> float:
@@ -565,10 +615,6 @@ def fmt_len(L: int) -> str:
 # ----------------------------------------------------------------------------
 # peak memory in a subprocess
 # ----------------------------------------------------------------------------
-
-from dhsa.memory import reset_peak_rss as _reset_hwm  # noqa: E402
-from dhsa.memory import rss_kib as _status_kib  # noqa: E402
-
 
 MEM_METHODS = ("dhsa", "predict", "dense", "torch", "numpy")
 
@@ -648,12 +694,8 @@ def measure_peak_rss(method: str, B: int, H: int, Hkv: int, L: int, D: int, thre
     """
     spec = dict(method=method, B=B, H=H, Hkv=Hkv, L=L, D=D, threads=threads, budget=budget,
                 seed=seed)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--mem-child", json.dumps(spec)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

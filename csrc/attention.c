@@ -5,13 +5,19 @@
  * that read the same KV head (and, for sparse, the same selection), times a
  * tile of consecutive queries. The item's queries are gathered (pre-scaled)
  * into one row block so that a GQA group shares every K/V tile it loads;
- * key tiles of at most TILE_K keys are walked over the item's key ranges,
- * S = Q K^T and O += P V go through OpenBLAS sgemm, and the softmax is kept
- * online (running max m, running sum l) so nothing larger than a tile is
- * ever materialised. Items are handed out longest-first with dynamic
- * scheduling because causal tiles differ in cost.
+ * key tiles of at most tile_k keys are walked over the item's key ranges,
+ * S = Q K^T and O += P V go through the register-blocked tile kernels of
+ * tiles.c (AVX-512F / AVX2; OpenBLAS sgemm when head_dim is not a multiple
+ * of 8 or when forced, the scalar twins on request: dhsa_tile_path), the
+ * row steps of the softmax through simd.c (vector kernels with scalar
+ * twins), and the softmax is kept online (running max m, running sum l) so
+ * nothing larger than a tile is ever materialised. Items are handed out
+ * longest-first with dynamic scheduling because causal tiles differ in cost.
+ * Visibility, query-block geometry, the query-head -> KV-head / selection
+ * group mapping and the normalisation of a row come from rules.h.
  *
- * Must agree with dhsa/reference.py: dense_attention and sparse_attention.
+ * Must agree with dhsa/reference.py: dense_attention (dhsa_attention_dense)
+ * and attention_with_selection (dhsa_attention_sparse), to float32 rounding.
  */
 #include <math.h>
 #include <string.h>
@@ -20,6 +26,7 @@
 #include <omp.h>
 #endif
 #include "internal.h"
+#include "rules.h"
 
 /* Tile plan. The S tile (rows x tile_k floats) and the K/V tiles should sit
  * in L2 together: with >= 1.5 MiB of L2 per core (Sapphire Rapids: 2 MiB)
@@ -116,18 +123,6 @@ int dhsa_attn_shape_check(const dhsa_attn_shape *s) {
     return DHSA_OK;
 }
 
-/* Visible key interval [lo, hi) of the query at position p. */
-static inline void visible_keys(const dhsa_attn_shape *s, int64_t p, int64_t *lo, int64_t *hi) {
-    int64_t a = 0, b = s->Lk;
-    if (s->causal) b = p + 1;
-    if (s->window > 0) {
-        a = DHSA_MAX(a, p - s->window + 1);
-        if (!s->causal) b = DHSA_MIN(b, p + s->window);
-    }
-    *lo = a;
-    *hi = b;
-}
-
 /* The keys one work item attends to: row i of k / v is the key at position
  * pos[i] (pos == NULL: at position first + i). Positions rise with i. */
 typedef struct {
@@ -156,14 +151,17 @@ static int64_t key_lower_bound(const key_list *kl, int64_t a, int64_t b, int64_t
  * scale * D * max|q| * max|k| (refused above 2**126, so S - m stays finite
  * too); the weights p are at most 1, so l <= Lk and |O| <= l * max|v|. A v
  * too large for that is handled by multiplying p (and so l) by 2**-e: O and l
- * scale alike and O / l is unchanged. Scale above 1 goes into sgemm's alpha
- * instead of into q, so q * scale cannot overflow on its own. */
+ * scale alike and O / l is unchanged. Scale above 1 goes into the alpha of
+ * the S product (tile kernel or sgemm) instead of into q, so q * scale
+ * cannot overflow on its own. */
 typedef struct {
     float q_scale;   /* multiplies q when it is gathered */
-    float s_alpha;   /* sgemm alpha of S = Q K^T */
+    float s_alpha;   /* alpha of S = Q K^T (tile kernel or sgemm) */
     float p_factor;  /* 2**-e multiplying every softmax weight (1: none) */
     int tile_path;   /* dhsa_tile_path(D) for this call */
 } attn_ranges;
+
+static int attn_ranges_from(attn_ranges *r, const dhsa_attn_shape *s, const float max_abs[3]);
 
 static int attn_ranges_check(attn_ranges *r, const float *q, const void *k, const void *v,
                              const dhsa_attn_shape *s, int T) {
@@ -177,6 +175,14 @@ static int attn_ranges_check(attn_ranges *r, const float *q, const void *k, cons
         st = s->kv_f16 ? dhsa_max_abs_f16_threads((const uint16_t *)v, nk, &mv, T)
                        : dhsa_max_abs_threads((const float *)v, nk, &mv, T);
     if (st != DHSA_OK) return st;
+    const float max_abs[3] = {mq, mk, mv};
+    return attn_ranges_from(r, s, max_abs);
+}
+
+/* The guard from max|q|, max|k|, max|v| (dhsa_sparse_attention scans once
+ * for the prediction and the kernel). */
+static int attn_ranges_from(attn_ranges *r, const dhsa_attn_shape *s, const float max_abs[3]) {
+    const float mq = max_abs[0], mk = max_abs[1], mv = max_abs[2];
     const double limit = ldexp(1.0, 126);
     if ((double)s->scale * (double)s->D * (double)mq * (double)mk > limit) return DHSA_ERANGE;
     r->q_scale = s->scale <= 1.0f ? s->scale : 1.0f;
@@ -188,22 +194,21 @@ static int attn_ranges_check(attn_ranges *r, const float *q, const void *k, cons
     return DHSA_OK;
 }
 
-/* Online-softmax pass of R = nh * nq rows (pre-scaled queries in w->qt,
- * row r is query r % nq at position pos0 + r % nq) over a key list, in tiles
- * of w->tile_k keys: S = Q K^T and O += P V by the tile kernels (or sgemm). */
+/* Online-softmax pass of R rows (pre-scaled queries in w->qt; row r is
+ * query g->i0 + r % g->nq, at position g->spos + r % g->nq) over a key list,
+ * in tiles of w->tile_k keys: S = Q K^T and O += P V by the tile kernels (or
+ * sgemm). */
 static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, const attn_ranges *rg,
-                        int64_t R, int64_t nq, int64_t pos0, const key_list *kl) {
-    const int64_t D = s->D, TK = w->tile_k, pos_last = pos0 + nq - 1;
+                        int64_t R, const dhsa_block_geom *g, const key_list *kl) {
+    const int64_t D = s->D, TK = w->tile_k, nq = g->nq;
     const int use_blas = rg->tile_path == DHSA_TILE_BLAS;
     const int64_t R_pad = DHSA_ROUND_UP(R, DHSA_TILE_ROWS);
     const size_t esz = kl->half ? sizeof(uint16_t) : sizeof(float);
-    int64_t lo0, hi0, lo1, hi1;
-    visible_keys(s, pos0, &lo0, &hi0);
-    visible_keys(s, pos_last, &lo1, &hi1);
     for (int64_t t0 = 0; t0 < kl->n; t0 += TK) {
         const int64_t t1 = DHSA_MIN(kl->n, t0 + TK), nk = t1 - t0;
-        /* mask only tiles that cross the diagonal or a window edge */
-        const int need_mask = key_pos(kl, t0) < lo1 || key_pos(kl, t1 - 1) >= hi0;
+        /* mask only tiles holding a key some row cannot see (crossing the
+         * diagonal or a window edge) */
+        const int need_mask = key_pos(kl, t0) < g->all_lo || key_pos(kl, t1 - 1) >= g->all_hi;
         /* float16 storage: V widened once per tile and reused by every row; K
          * widened too for sgemm, else inside the transpose */
         const void *ktile = (const char *)kl->k + (size_t)(t0 * D) * esz;
@@ -232,7 +237,7 @@ static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, const attn_ra
             if (s->softcap > 0.0f) dhsa_row_softcap(srow, nk, s->softcap);
             if (need_mask) {
                 int64_t lo, hi;
-                visible_keys(s, pos0 + r % nq, &lo, &hi);
+                dhsa_rule_visible(s, g->spos + r % nq, &lo, &hi);
                 ja = key_lower_bound(kl, t0, t1, lo) - t0;
                 jb = key_lower_bound(kl, t0, t1, hi) - t0;
                 if (ja >= jb) { memset(srow, 0, (size_t)nk * sizeof(float)); continue; }
@@ -262,16 +267,17 @@ static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, const attn_ra
 /* One work item.
  * q (B,H,Lq,D), k/v (B,Hkv,Lk,D), out (B,H,Lq,D); heads [h0, h0+nh) of batch
  * b, all reading KV head kvh, queries [i0, i0+nq), key ranges
- * [starts[r], ends[r]) for r < nranges (sorted). Several ranges are first
+ * [starts[x], ends[x]) for x < nranges (sorted). Several ranges are first
  * gathered into contiguous scratch (O(keys * D), against O(rows * keys * D)
- * of compute) so every sgemm sees full tiles, not one chunk at a time. */
+ * of compute) so every tile product sees full tiles, not one chunk at a
+ * time. */
 static void attend_item(tile_scratch *w, float *out, const float *q, const void *k,
                         const void *v, const dhsa_attn_shape *s, const attn_ranges *rg,
                         int64_t b, int64_t h0,
                         int64_t nh, int64_t kvh, int64_t i0, int64_t nq,
                         const int32_t *starts, const int32_t *ends, int64_t nranges) {
     const int64_t D = s->D, R = nh * nq;
-    const int64_t pos0 = s->Lk - s->Lq + i0, pos_last = pos0 + nq - 1;
+    const dhsa_block_geom g = dhsa_rule_rows(s, i0, nq);
     const size_t esz = s->kv_f16 ? sizeof(uint16_t) : sizeof(float);
     const char *kb = (const char *)k + (size_t)((b * s->Hkv + kvh) * s->Lk * D) * esz;
     const char *vb = (const char *)v + (size_t)((b * s->Hkv + kvh) * s->Lk * D) * esz;
@@ -286,22 +292,18 @@ static void attend_item(tile_scratch *w, float *out, const float *q, const void 
     memset(w->o, 0, (size_t)(R_pad * D) * sizeof(float));
     for (int64_t r = 0; r < R; r++) { w->m[r] = -INFINITY; w->l[r] = 0.0f; }
 
-    /* keys any row of the item may see */
-    int64_t item_lo, item_hi, tmp;
-    visible_keys(s, pos0, &item_lo, &tmp);
-    visible_keys(s, pos_last, &tmp, &item_hi);
-
+    /* only keys some row of the item may see, [g.lo, g.hi), are walked */
     key_list kl = {kb, vb, NULL, 0, 0, s->kv_f16};
     if (nranges == 1) {
-        kl.first = DHSA_MAX((int64_t)starts[0], item_lo);
-        kl.n = DHSA_MAX(0, DHSA_MIN((int64_t)ends[0], item_hi) - kl.first);
+        kl.first = DHSA_MAX((int64_t)starts[0], g.lo);
+        kl.n = DHSA_MAX(0, DHSA_MIN((int64_t)ends[0], g.hi) - kl.first);
         kl.k = kb + (size_t)(kl.first * D) * esz;
         kl.v = vb + (size_t)(kl.first * D) * esz;
     } else if (nranges > 1) {
         int64_t n = 0;
-        for (int64_t rg = 0; rg < nranges; rg++) {
-            const int64_t a = DHSA_MAX((int64_t)starts[rg], item_lo);
-            const int64_t e = DHSA_MIN((int64_t)ends[rg], item_hi);
+        for (int64_t x = 0; x < nranges; x++) {
+            const int64_t a = DHSA_MAX((int64_t)starts[x], g.lo);
+            const int64_t e = DHSA_MIN((int64_t)ends[x], g.hi);
             if (e <= a) continue;
             if (s->kv_f16) { /* gather and widen in one pass */
                 dhsa_half_to_float(w->kg + n * D, (const uint16_t *)kb + a * D, (e - a) * D);
@@ -318,15 +320,13 @@ static void attend_item(tile_scratch *w, float *out, const float *q, const void 
         kl.n = n;
         kl.half = 0;
     }
-    attend_keys(w, s, rg, R, nq, pos0, &kl);
+    attend_keys(w, s, rg, R, &g, &kl);
 
     for (int64_t hh = 0; hh < nh; hh++) {
         float *dst = out + ((b * s->H + h0 + hh) * s->Lq + i0) * D;
         for (int64_t i = 0; i < nq; i++) {
             const int64_t r = hh * nq + i;
-            /* a row that saw no key (only possible with a caller's selection
-             * that omits it) gives zeros rather than NaN */
-            const float inv = w->l[r] > 0.0f ? 1.0f / w->l[r] : 0.0f;
+            const float inv = dhsa_rule_inv_sum(w->l[r]); /* 0: the row saw no key */
             for (int64_t x = 0; x < D; x++) dst[i * D + x] = w->o[r * D + x] * inv;
         }
     }
@@ -349,7 +349,7 @@ int dhsa_attention_dense(float *out, const float *q, const void *k, const void *
     if (st != DHSA_OK) return st;
 
     const tile_plan plan = plan_tiles();
-    const int64_t G = s->H / s->Hkv, BQ = plan.tile_q;
+    const int64_t G = dhsa_rule_gqa(s), BQ = plan.tile_q;
     const int64_t hpi = heads_per_item(&plan, G, BQ), nsub = (G + hpi - 1) / hpi;
     const int64_t nqt = (s->Lq + BQ - 1) / BQ;
     const int64_t per_tile = s->B * s->Hkv * nsub, items = per_tile * nqt;
@@ -373,11 +373,8 @@ int dhsa_attention_dense(float *out, const float *q, const void *k, const void *
             const int64_t kvh = rem % s->Hkv, b = rem / s->Hkv;
             const int64_t h0 = kvh * G + sub * hpi, nh = DHSA_MIN(hpi, G - sub * hpi);
             const int64_t i0 = qt * BQ, nq = DHSA_MIN(BQ, s->Lq - i0);
-            const int64_t pos0 = s->Lk - s->Lq + i0, pos_last = pos0 + nq - 1;
-            int64_t lo, hi, tmp;
-            visible_keys(s, pos0, &lo, &tmp);
-            visible_keys(s, pos_last, &tmp, &hi);
-            const int32_t start = (int32_t)lo, end = (int32_t)hi;
+            const dhsa_block_geom g = dhsa_rule_rows(s, i0, nq); /* one range: [g.lo, g.hi) */
+            const int32_t start = (int32_t)g.lo, end = (int32_t)g.hi;
             attend_item(&w, out, q, k, v, s, &rg, b, h0, nh, kvh, i0, nq, &start, &end, 1);
         }
         scratch_free(&w);
@@ -387,7 +384,7 @@ int dhsa_attention_dense(float *out, const float *q, const void *k, const void *
 
 int dhsa_selection_check(const dhsa_selection *sel, const dhsa_attn_shape *s) {
     if (!sel || !sel->offsets || sel->block_size <= 0) return DHSA_EINVAL;
-    if (sel->num_blocks != (s->Lq + sel->block_size - 1) / sel->block_size) return DHSA_EINVAL;
+    if (sel->num_blocks != dhsa_rule_num_blocks(s->Lq, sel->block_size)) return DHSA_EINVAL;
     if (sel->num_groups != 1 && sel->num_groups != s->Hkv && sel->num_groups != s->H)
         return DHSA_EINVAL;
     const int64_t n = s->B * sel->num_groups * sel->num_blocks;
@@ -404,6 +401,10 @@ int dhsa_selection_check(const dhsa_selection *sel, const dhsa_attn_shape *s) {
     return DHSA_OK;
 }
 
+static int sparse_run(float *out, const float *q, const void *k, const void *v,
+                      const dhsa_attn_shape *s, const dhsa_selection *sel,
+                      const attn_ranges *rg_in, const float max_abs[3], int num_threads);
+
 int dhsa_attention_sparse(float *out, const float *q, const void *k, const void *v,
                           const dhsa_attn_shape *s, const dhsa_selection *sel,
                           int num_threads) {
@@ -415,9 +416,29 @@ int dhsa_attention_sparse(float *out, const float *q, const void *k, const void 
     attn_ranges rg;
     st = attn_ranges_check(&rg, q, k, v, s, num_threads);
     if (st != DHSA_OK) return st;
+    const float max_abs[3] = {0}; /* unused: rg is set */
+    return sparse_run(out, q, k, v, s, sel, &rg, max_abs, num_threads);
+}
+
+int dhsa_attention_sparse_scanned(float *out, const float *q, const void *k, const void *v,
+                                  const dhsa_attn_shape *s, const dhsa_selection *sel,
+                                  const float max_abs[3], int num_threads) {
+    return sparse_run(out, q, k, v, s, sel, NULL, max_abs, num_threads);
+}
+
+/* The sparse kernel after the checks; rg NULL: the guard from max_abs. */
+static int sparse_run(float *out, const float *q, const void *k, const void *v,
+                      const dhsa_attn_shape *s, const dhsa_selection *sel,
+                      const attn_ranges *rg_in, const float max_abs[3], int num_threads) {
+    attn_ranges rg;
+    if (rg_in) rg = *rg_in;
+    else {
+        const int st = attn_ranges_from(&rg, s, max_abs);
+        if (st != DHSA_OK) return st;
+    }
 
     const tile_plan plan = plan_tiles();
-    const int64_t G = s->H / s->Hkv, BQ = sel->block_size, SG = sel->num_groups;
+    const int64_t G = dhsa_rule_gqa(s), BQ = sel->block_size, SG = sel->num_groups;
     /* heads that share a selection and a KV head go into one item */
     const int64_t hpi = SG == s->H ? 1 : heads_per_item(&plan, G, BQ);
     const int64_t nsub = (G + hpi - 1) / hpi, nqt = sel->num_blocks;
@@ -450,7 +471,7 @@ int dhsa_attention_sparse(float *out, const float *q, const void *k, const void 
             const int64_t kvh = rem % s->Hkv, b = rem / s->Hkv;
             const int64_t h0 = kvh * G + sub * hpi, nh = DHSA_MIN(hpi, G - sub * hpi);
             const int64_t i0 = qt * BQ, nq = DHSA_MIN(BQ, s->Lq - i0);
-            const int64_t sg = SG == 1 ? 0 : (SG == s->Hkv ? kvh : h0);
+            const int64_t sg = dhsa_rule_group_of_head(s, SG, h0); /* shared by [h0, h0+nh) */
             const int64_t idx = (b * SG + sg) * nqt + qt;
             const int64_t r0 = sel->offsets[idx], nr = sel->offsets[idx + 1] - r0;
             attend_item(&w, out, q, k, v, s, &rg, b, h0, nh, kvh, i0, nq,

@@ -8,11 +8,19 @@
  * cosine close to 1). Means come from running sums, so scoring is O(L * D)
  * per head. A left-to-right scan then places boundaries at local maxima
  * above a threshold, with minimum / maximum chunk lengths and an optional cap
- * on the number of chunks; the decision at t looks at most
- * window + nms_radius keys ahead, which keeps the chunking causal beyond
- * that look-ahead (DHSAConfig checks local >= that look-ahead).
+ * on the number of chunks (the scan stops after max_chunks - 1 boundaries;
+ * the last chunk takes the rest). The decision at t reads keys up to
+ * t + window + nms_radius - 1 only (Lk matters only where that look-ahead
+ * passes the end), which keeps the chunking causal beyond that look-ahead
+ * (DHSAConfig checks local >= window + nms_radius): appending keys moves no
+ * boundary at or before Lk - window - nms_radius.
  *
- * Must agree with dhsa/reference.py: boundary_scores and find_boundaries.
+ * Plain C without intrinsics (the compiler vectorises the split sums of the
+ * score loop), so there is no separate scalar twin.
+ *
+ * Must agree with dhsa/reference.py: boundary_scores (to float64 rounding:
+ * reciprocals and split sums here, divisions there) and find_boundaries
+ * (decision for decision on the same scores; tests/test_chunking.py).
  */
 #include <math.h>
 #include <string.h>
@@ -78,22 +86,24 @@ int dhsa_chunking_boundary_scores(double *score, const float *k, int64_t Lk, int
     return DHSA_OK;
 }
 
+/* bounds (capacity Lk + 1), *num_bounds from score (Lk): the scan described
+ * in dhsa.h; the twin of reference.find_boundaries, decision for decision. */
 int dhsa_chunking_find_boundaries(int64_t *bounds, int64_t *num_bounds, const double *score,
-                                  int64_t Lk, const dhsa_chunking_params *p) {
+                                  int64_t Lk, const dhsa_predict_params *p) {
     if (!bounds || !num_bounds || !score || !p || Lk <= 0) return DHSA_EINVAL;
-    if (p->min_len < 1 || p->max_len < p->min_len || p->nms_radius < 0 || p->max_chunks < 0)
+    if (p->min_chunk < 1 || p->max_chunk < p->min_chunk || p->nms_radius < 0 ||
+        p->max_chunks < 0)
         return DHSA_EINVAL;
     if (!isfinite(p->threshold)) return DHSA_EINVAL;
-    int64_t min_len = p->min_len, max_len = p->max_len;
-    if (p->max_chunks > 0) {
-        /* every chunk but the last has >= min_len keys, so this caps the count */
-        const int64_t need = (Lk + p->max_chunks - 1) / p->max_chunks;
-        min_len = DHSA_MAX(min_len, need);
-        max_len = DHSA_MAX(max_len, min_len);
-    }
+    const int64_t min_len = p->min_chunk, max_len = p->max_chunk;
+    /* the cap: at most max_chunks - 1 inner boundaries, then the last chunk
+     * takes the rest (it may pass max_len). A cap that read Lk (lengths
+     * widened to ceil(Lk / max_chunks)) would let keys appended after a query
+     * move the boundaries before it. */
+    const int64_t inner_cap = p->max_chunks > 0 ? p->max_chunks - 1 : Lk;
     int64_t n = 0, last = 0;
     bounds[n++] = 0;
-    for (int64_t t = 1; t < Lk; t++) {
+    for (int64_t t = 1; t < Lk && n - 1 < inner_cap; t++) {
         const int64_t len = t - last;
         int take = len >= max_len;
         if (!take && len >= min_len && score[t] >= p->threshold) {

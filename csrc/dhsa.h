@@ -10,8 +10,10 @@
  *   - Plain C, no Python. Every function returns an int status (DHSA_OK on
  *     success); the core never prints, exits or aborts.
  *   - Outputs first, then inputs, then sizes and options.
- *   - Tensors are dense row-major float32: q is (B, H, Lq, D), k and v are
- *     (B, Hkv, Lk, D), out is (B, H, Lq, D). H is a multiple of Hkv (GQA);
+ *   - Tensors are dense row-major: q is float32 (B, H, Lq, D), k and v are
+ *     (B, Hkv, Lk, D) float32, or IEEE float16 for the attention kernels
+ *     (dhsa_attn_shape.kv_f16), out is float32 (B, H, Lq, D). H is a
+ *     multiple of Hkv (GQA);
  *     query head h reads KV head h / (H / Hkv).
  *   - Queries are the last Lq of the Lk positions: query i sits at position
  *     Lk - Lq + i.
@@ -40,6 +42,8 @@ enum dhsa_status {
     DHSA_ENONFINITE = 3, /* an input holds NaN or Inf */
     DHSA_EOVERFLOW = 4,  /* a size product does not fit the index type */
     DHSA_ERANGE = 5,     /* finite values whose float32 logits could overflow */
+    DHSA_ESELECTION = 6, /* a caller-given selection is malformed */
+    DHSA_EBOUNDS = 7,    /* caller-given chunk boundaries are malformed */
 };
 
 /* Human-readable message for a status code (static storage). */
@@ -78,14 +82,9 @@ int dhsa_max_threads(void);
 const char *dhsa_blas_config(void);
 const char *dhsa_blas_corename(void);
 
-/* DHSA_OK when every value of a float32 / float16 tensor is finite. */
-int dhsa_check_finite(const float *x, int64_t n);
-int dhsa_check_finite_f16(const uint16_t *x, int64_t n);
-/* The same check, also giving *max_abs = max |x| (0 for n = 0; max_abs may
- * be NULL). DHSA_ENONFINITE when a value is NaN or Inf. */
-int dhsa_max_abs(const float *x, int64_t n, float *max_abs);
-int dhsa_max_abs_f16(const uint16_t *x, int64_t n, float *max_abs);
-/* The same with up to num_threads threads (for inputs of millions of values). */
+/* *max_abs = max |x| of a float32 / float16 tensor (0 for n = 0; max_abs
+ * may be NULL) with up to num_threads threads; DHSA_ENONFINITE when a value
+ * is NaN or Inf. */
 int dhsa_max_abs_threads(const float *x, int64_t n, float *max_abs, int num_threads);
 int dhsa_max_abs_f16_threads(const uint16_t *x, int64_t n, float *max_abs, int num_threads);
 
@@ -141,6 +140,8 @@ int dhsa_selection_check(const dhsa_selection *sel, const dhsa_attn_shape *s);
 
 /* ---- chunking (chunking.c) --------------------------------------------- */
 
+struct dhsa_predict_params; /* below */
+
 /* score (Lk) = boundary score of every key position of one chunking group:
  * the heads [0, nheads) of k (each (Lk, D), head_stride floats apart).
  * score[t] = 1 - cos(mL - mu, mR - mu) where mL / mR are the mean keys of
@@ -150,35 +151,18 @@ int dhsa_chunking_boundary_scores(double *score, const float *k,
                                   int64_t Lk, int64_t D, int64_t nheads,
                                   int64_t head_stride, int64_t window);
 
-typedef struct {
-    double threshold;   /* candidates need score >= threshold */
-    int64_t min_len;    /* shortest chunk (except the last) */
-    int64_t max_len;    /* longest chunk: a boundary is forced there */
-    int64_t nms_radius; /* a candidate must beat its neighbours within this */
-    int64_t max_chunks; /* 0: no cap; else lengths widen to keep <= this */
-} dhsa_chunking_params;
-
-/* bounds (cap Lk + 1) = 0 = b0 < b1 < ... < bN = Lk by a left-to-right scan:
- * t becomes a boundary when the open chunk reached max_len, or when it has
- * min_len keys and score[t] >= threshold is a local maximum within
+/* bounds (cap Lk + 1) = 0 = b0 < b1 < ... < bN = Lk by a left-to-right scan
+ * with p's threshold, min_chunk, max_chunk, nms_radius and max_chunks:
+ * t becomes a boundary when the open chunk reached max_chunk, or when it has
+ * min_chunk keys and score[t] >= threshold is a local maximum within
  * nms_radius (ties go to the earlier position). The decision at t reads
  * scores up to t + nms_radius only, so the chunking is causal up to that
  * look-ahead. *num_bounds receives N + 1. */
 int dhsa_chunking_find_boundaries(int64_t *bounds, int64_t *num_bounds,
                                   const double *score, int64_t Lk,
-                                  const dhsa_chunking_params *p);
+                                  const struct dhsa_predict_params *p);
 
 /* ---- representations (representations.c) ------------------------------ */
-
-/* prefix (L + 1, D) = running sums over positions of the mean over heads
- * [0, nheads) of x (each (L, D), head_stride floats apart); prefix[0] = 0. */
-int dhsa_repr_prefix_sums(double *prefix, const float *x, int64_t L,
-                          int64_t D, int64_t nheads, int64_t head_stride);
-
-/* The rows t = 0, step, 2 step, ..., L of those running sums only:
- * out (ceil(L / step) + 1, D), bit-identical to the full sums there. */
-int dhsa_repr_prefix_sums_every(double *out, const float *x, int64_t L, int64_t D,
-                                int64_t nheads, int64_t head_stride, int64_t step);
 
 /* out (D) = (prefix[b] - prefix[a]) / n ** power, n = b - a: with power 0.5
  * the DHSA representation mean * sqrt(n); 1 gives the mean, 0 the sum. */
@@ -187,75 +171,138 @@ void dhsa_repr_range(double *out, const double *prefix, int64_t D, int64_t a,
 /* n ** power (sqrt, n and 1 exactly for 0.5, 1 and 0) */
 double dhsa_repr_norm(int64_t n, double power);
 
-/* ---- scores and selection (selection.c) -------------------------------- */
+/* ---- the prediction (predict.c, selection.c) --------------------------- */
 
+/* The string-valued options of DHSAConfig, matched by name through
+ * dhsa_enum_value (the enum values are not part of the Python API). */
 enum dhsa_budget_mode {
-    DHSA_BUDGET_TOKENS = 0,   /* a fixed number of keys per query block */
-    DHSA_BUDGET_DENSITY = 1,  /* a fraction of the block's allowed keys */
-    DHSA_BUDGET_ADAPTIVE = 2, /* smallest chunk set reaching a mass threshold */
+    DHSA_BUDGET_TOKENS = 0,   /* "tokens": a fixed number of keys per query block */
+    DHSA_BUDGET_DENSITY = 1,  /* "density": a fraction of the block's allowed keys */
+    DHSA_BUDGET_ADAPTIVE = 2, /* "adaptive": smallest chunk set reaching a mass threshold */
 };
 
 enum dhsa_granularity {
-    DHSA_GRAN_LAYER = 0,      /* one selection per batch item, heads averaged */
-    DHSA_GRAN_KV_HEAD = 1,    /* one per KV head, shared by its query heads */
-    DHSA_GRAN_QUERY_HEAD = 2, /* one per query head */
+    DHSA_GRAN_LAYER = 0,      /* "layer": one selection per batch item, heads averaged */
+    DHSA_GRAN_KV_HEAD = 1,    /* "kv_head": one per KV head, shared by its query heads */
+    DHSA_GRAN_QUERY_HEAD = 2, /* "query_head": one per query head */
 };
 
-typedef struct {
-    int granularity;          /* enum dhsa_granularity */
+enum dhsa_chunking {
+    DHSA_CHUNK_DYNAMIC = 0,   /* "dynamic": boundary scores, NMS, length caps */
+    DHSA_CHUNK_FIXED = 1,     /* "fixed": a boundary every chunk_size keys */
+};
+
+enum dhsa_normalization {
+    DHSA_NORM_SQRT = 0,       /* "sqrt": r_k = sum / n ** 0.5 (DHSA) */
+    DHSA_NORM_MEAN = 1,       /* "mean": sum / n */
+    DHSA_NORM_SUM = 2,        /* "sum": the plain sum */
+};
+
+enum dhsa_method {
+    DHSA_METHOD_DHSA = 0,       /* "dhsa" */
+    DHSA_METHOD_BLOCK_TOPK = 1, /* "block_topk": fixed chunks of chunk_size, mean-pooled */
+};
+
+/* Name -> value of one string option: field is the DHSAConfig field name
+ * ("budget_mode", "granularity", "chunking", "normalization", "method").
+ * DHSA_EINVAL for an unknown field or name. */
+int dhsa_enum_value(const char *field, const char *name, int *value);
+
+/* The options of the prediction, one field per DHSAConfig field of the same
+ * name (see dhsa/config.py for their meaning and valid ranges). Sizes past
+ * the sequence length mean the length itself; dhsa_predict clamps them. */
+typedef struct dhsa_predict_params {
+    int64_t budget;           /* tokens mode: keys per block */
     int64_t block_size;       /* queries per block */
     int64_t sink;             /* first allowed keys always kept */
     int64_t local;            /* keys right before the block always kept */
-    int mode;                 /* enum dhsa_budget_mode */
-    int64_t budget;           /* tokens mode: keys per block */
+    int budget_mode;          /* enum dhsa_budget_mode */
     double density;           /* density mode: fraction in (0, 1] */
     double mass;              /* adaptive: mass threshold in (0, 1] */
     int64_t min_budget;       /* adaptive: lower clamp */
     int64_t max_budget;       /* adaptive: upper clamp */
-    int64_t boundary_window;  /* chunking: keys each side of a candidate */
-    double key_norm;          /* key chunk r = sum / n ** key_norm (DHSA: 0.5) */
-    dhsa_chunking_params chunking;
+    int granularity;          /* enum dhsa_granularity */
+    int chunking;             /* enum dhsa_chunking */
+    int64_t chunk_size;       /* fixed chunking: keys per chunk */
+    int64_t boundary_window;  /* dynamic chunking: keys each side of a candidate */
+    double threshold;         /* dynamic: candidates need score >= threshold */
+    int64_t min_chunk;        /* dynamic: shortest chunk (except the last) */
+    int64_t max_chunk;        /* dynamic: longest chunk, a boundary is forced there */
+    int64_t nms_radius;       /* dynamic: a candidate must beat its neighbours within this */
+    int64_t max_chunks;       /* dynamic: 0 no cap, else at most max_chunks - 1 boundaries (the last chunk takes the rest) */
+    int normalization;        /* enum dhsa_normalization */
+    int method;               /* enum dhsa_method */
 } dhsa_predict_params;
 
-/* Groups per batch item: chunking groups (1 for layer, else Hkv) and
- * selection groups (1, Hkv or H). */
-int64_t dhsa_predict_chunk_groups(const dhsa_attn_shape *s, const dhsa_predict_params *p);
-int64_t dhsa_predict_select_groups(const dhsa_attn_shape *s, const dhsa_predict_params *p);
+/* A whole prediction, allocated by dhsa_predict, released with
+ * dhsa_prediction_free. CG chunking groups (1 for layer, else Hkv) and SG
+ * selection groups (1, Hkv or H) per batch item, NQB query blocks. */
+typedef struct {
+    int64_t chunk_groups, select_groups, num_blocks, block_size;
+    int64_t *bounds;          /* (B * CG, Lk + 1) chunk bounds, row g valid up to num_bounds[g] */
+    int64_t *num_bounds;      /* (B * CG) */
+    int64_t *offsets;         /* (B * SG * NQB + 1) CSR offsets into starts / ends */
+    int32_t *starts, *ends;   /* (offsets[B * SG * NQB]) sorted, merged key ranges */
+    int64_t num_ranges;       /* offsets[B * SG * NQB] */
+    int64_t *pairs_selected;  /* (B * SG) query-key pairs the selection keeps */
+    int64_t *pairs_allowed;   /* (B * SG) pairs the masks allow */
+    double *chunk_scores;     /* (B * SG, NQB, score_stride) or NULL, see dhsa_predict */
+    int64_t score_stride;     /* most chunks of any chunking group */
+    double predict_seconds;   /* wall time of the prediction */
+    double attention_seconds; /* dhsa_sparse_attention: wall time of the kernel */
+} dhsa_prediction;
 
-/* bounds (B * CG, Lk + 1), num_bounds (B * CG): dynamic chunking of every
- * chunking group (its KV heads concatenated). */
-int dhsa_predict_boundaries(int64_t *bounds, int64_t *num_bounds, const float *k,
-                            const dhsa_attn_shape *s, const dhsa_predict_params *p,
-                            int num_threads);
+/* Flags of dhsa_predict. */
+enum { DHSA_PREDICT_SCORES = 1 }; /* also fill chunk_scores */
 
-/* Check caller-given bounds: each row starts at 0, rises strictly, ends at Lk. */
-int dhsa_predict_check_bounds(const int64_t *bounds, const int64_t *num_bounds,
-                              const dhsa_attn_shape *s, const dhsa_predict_params *p);
+/* *out = the prediction for q (B, H, Lq, D) and k (B, Hkv, Lk, D), both
+ * float32: boundaries (dynamic or fixed chunking, or the caller's: bounds
+ * (B * CG, Lk + 1) with num_bounds (B * CG), each row rising strictly from 0
+ * to Lk, else DHSA_EBOUNDS) -> per-block capacity -> selection -> CSR -> pair
+ * counts. Per (batch, selection group, query block): allowed keys [lo, hi);
+ * the first `sink` of them and the `local` keys before the block plus the
+ * block's own keys are always kept; the other keys come as chunk pieces
+ * scored by r_q . r_k (length-normalised representations of the block's
+ * head-averaged queries and of the piece's head-averaged keys), best first,
+ * the last piece cut to fit the budget. chunk_scores (DHSA_PREDICT_SCORES)
+ * are the full-chunk scores, NaN where the chunk is not reachable. q and k
+ * are scanned first (DHSA_ENONFINITE). *out is NULL on any error. */
+int dhsa_predict(dhsa_prediction **out, const float *q, const float *k,
+                 const dhsa_attn_shape *s, const dhsa_predict_params *p,
+                 const int64_t *bounds, const int64_t *num_bounds, int flags,
+                 int num_threads);
+void dhsa_prediction_free(dhsa_prediction *pred);
 
-/* capacity (B * SG * NQB + 1): offsets of a range buffer big enough for any
- * selection over these bounds (per block 4 + chunks meeting its keys). */
-int dhsa_predict_capacity(int64_t *capacity, const dhsa_attn_shape *s,
+/* -1 when every row of caller-given bounds (n, Lk + 1) starts at 0, rises
+ * strictly over its num_bounds[g] entries and ends at Lk; else the first bad
+ * row (for naming it in an error). */
+int64_t dhsa_predict_bad_bounds(const int64_t *bounds, const int64_t *num_bounds, int64_t n,
+                                int64_t Lk);
+
+/* Predict and attend in one call, q, k and v scanned once (k and v float32,
+ * or float16 when s->kv_f16; the prediction reads k widened to float32).
+ * With p != NULL the selection is predicted as by dhsa_predict (bounds /
+ * num_bounds as there, flags DHSA_PREDICT_SCORES) and *out_pred receives it
+ * with both stages' times (the scan counted with the prediction). With
+ * p == NULL the caller's selection sel is checked once (DHSA_ESELECTION) by
+ * dhsa_attention_sparse; *out_pred then holds no ranges, only the block
+ * layout, attention_seconds and, with DHSA_PREDICT_COUNTS, the pair counts.
+ * out (B, H, Lq, D) as dhsa_attention_sparse. */
+enum { DHSA_PREDICT_COUNTS = 2 }; /* given selection: count its pairs */
+int dhsa_sparse_attention(float *out, dhsa_prediction **out_pred, const float *q,
+                          const void *k, const void *v, const dhsa_attn_shape *s,
                           const dhsa_predict_params *p, const int64_t *bounds,
-                          const int64_t *num_bounds);
+                          const int64_t *num_bounds, const dhsa_selection *sel, int flags,
+                          int num_threads);
 
-/* The hierarchical prediction. Per (batch, selection group, query block):
- * allowed keys [lo, hi); the first `sink` of them and the `local` keys
- * before the block plus the block's own keys are always kept; the other keys
- * come as chunk pieces scored by r_q . r_k (length-normalised
- * representations of the block's head-averaged queries and of the piece's
- * head-averaged keys), best first, the last piece cut to fit the budget.
- * Writes sorted, merged ranges at starts/ends + capacity[i], their number to
- * counts[i]. chunk_scores, when not NULL, receives (B * SG, NQB,
- * score_stride) full-chunk scores, NaN where the chunk is not reachable. */
-int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
-                        double *chunk_scores, int64_t score_stride,
-                        const int64_t *capacity, const float *q, const float *k,
-                        const dhsa_attn_shape *s, const dhsa_predict_params *p,
-                        const int64_t *bounds, const int64_t *num_bounds,
-                        int num_threads);
+/* The input scan of every call without the attention: DHSA_ENONFINITE when
+ * q, k or v (v may be NULL) holds NaN or Inf. */
+int dhsa_check_inputs(const float *q, const void *k, const void *v, const dhsa_attn_shape *s,
+                      int num_threads);
 
 /* pairs_selected, pairs_allowed (B * num_groups): query-key pairs a
- * selection keeps under the masks, and pairs the masks allow. */
+ * selection keeps under the masks, and pairs the masks allow;
+ * DHSA_ESELECTION when sel fails dhsa_selection_check. */
 int dhsa_selection_count_pairs(int64_t *pairs_selected, int64_t *pairs_allowed,
                                const dhsa_selection *sel, const dhsa_attn_shape *s,
                                int num_threads);

@@ -70,12 +70,49 @@ void dhsa_tile_qk_scalar(float *s, int64_t lds, const float *q, const float *kt,
 void dhsa_tile_pv_scalar(float *o, const float *p, int64_t ldp, const float *v, int64_t R,
                          int64_t nk, int64_t D);
 
-/* Column range [d0, d1) of dhsa_repr_prefix_sums_every (step 1: of
- * dhsa_repr_prefix_sums); no checks, bit-identical to the whole call, for
- * filling the columns in parallel. */
+/* Running sums of the head mean of x (nheads heads of (L, D), head_stride
+ * floats apart), kept every `step` rows: out (ceil(L / step) + 1, D), columns
+ * [d0, d1) only (each column one sequential sum, so threads can fill column
+ * ranges and the result stays bit-identical; step 1: all L + 1 rows). No
+ * checks. Twin: reference.prefix_sums. */
 void dhsa_repr_prefix_sums_every_cols(double *out, const float *x, int64_t L, int64_t D,
                                       int64_t nheads, int64_t head_stride, int64_t step,
                                       int64_t d0, int64_t d1);
+
+/* ---- the stages of dhsa_predict (selection.c); p as resolved by predict.c */
+
+/* bounds (B * CG, Lk + 1), num_bounds (B * CG): dynamic chunking of every
+ * chunking group (its KV heads concatenated). */
+int dhsa_predict_boundaries(int64_t *bounds, int64_t *num_bounds, const float *k,
+                            const dhsa_attn_shape *s, const dhsa_predict_params *p,
+                            int num_threads);
+
+/* capacity (B * SG * NQB + 1): offsets of a range buffer big enough for any
+ * selection over these bounds (per block 4 + chunks meeting its keys). */
+int dhsa_predict_capacity(int64_t *capacity, const dhsa_attn_shape *s,
+                          const dhsa_predict_params *p, const int64_t *bounds,
+                          const int64_t *num_bounds);
+
+/* The selection of every block (see dhsa_predict): sorted, merged ranges at
+ * starts/ends + capacity[i], their number in counts[i]; chunk_scores, when
+ * not NULL, (B * SG, NQB, score_stride). */
+int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
+                        double *chunk_scores, int64_t score_stride,
+                        const int64_t *capacity, const float *q, const float *k,
+                        const dhsa_attn_shape *s, const dhsa_predict_params *p,
+                        const int64_t *bounds, const int64_t *num_bounds,
+                        int num_threads);
+
+/* dhsa_selection_count_pairs for a shape and selection already checked. */
+void dhsa_selection_count_pairs_checked(int64_t *pairs_selected, int64_t *pairs_allowed,
+                                        const dhsa_selection *sel, const dhsa_attn_shape *s,
+                                        int num_threads);
+
+/* dhsa_attention_sparse for a shape and selection already checked and q, k, v
+ * already scanned: max_abs = {max|q|, max|k|, max|v|} (attention.c). */
+int dhsa_attention_sparse_scanned(float *out, const float *q, const void *k, const void *v,
+                                  const dhsa_attn_shape *s, const dhsa_selection *sel,
+                                  const float max_abs[3], int num_threads);
 
 /* Number of threads to use for `work` independent items. */
 static inline int dhsa_threads_for(int requested, int64_t work) {

@@ -1,23 +1,24 @@
 /*
  * module.c - the CPython / NumPy layer over the C core (dhsa._core).
  *
- * The only file that sees Python.h. Each entry point converts and validates
- * every argument (type, dtype, shape, finiteness, option ranges) and raises
- * TypeError / ValueError naming the argument before any core function runs,
- * releases the GIL around the compute, and maps core status codes to
- * exceptions in one place (raise_status). One exit path per function.
+ * The only file that sees Python.h. Each entry point converts its arguments
+ * (type, dtype, shape; a DHSAConfig into dhsa_predict_params by field name)
+ * and raises TypeError / ValueError naming the argument, releases the GIL
+ * around one core call, and maps the core's status to an exception
+ * (raise_status, attention_failed). The meaning of the options is checked
+ * by DHSAConfig (dhsa/config.py), safety by the core. Every entry point
+ * leaves through one `done:` label, where it releases what it holds; the
+ * helpers release theirs before each return.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
 #include <numpy/arrayobject.h>
 #include <math.h>
-#include <time.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <stddef.h>
 #include "dhsa.h"
 #include "internal.h"
+#include "rules.h"
 
 /* ---- helpers ----------------------------------------------------------- */
 
@@ -25,7 +26,7 @@ static PyObject *raise_status(int status, const char *what) {
     PyObject *exc = PyExc_RuntimeError;
     if (status == DHSA_ENOMEM) return PyErr_NoMemory();
     if (status == DHSA_EINVAL || status == DHSA_ENONFINITE || status == DHSA_EOVERFLOW ||
-        status == DHSA_ERANGE)
+        status == DHSA_ERANGE || status == DHSA_ESELECTION || status == DHSA_EBOUNDS)
         exc = PyExc_ValueError;
     PyErr_Format(exc, "%s: %s", what, dhsa_status_string(status));
     return NULL;
@@ -143,8 +144,10 @@ static PyArrayObject *as_contiguous(PyObject *obj, int keep_half) {
                                             NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
 }
 
+/* The error path of a failed scan: which input holds NaN / Inf. */
 static int check_finite(PyArrayObject *a, const char *name, int num_threads) {
     int st;
+    if (!a) return 0;
     const void *p = PyArray_DATA(a);
     const int64_t n = (int64_t)PyArray_SIZE(a);
     const int half = PyArray_TYPE(a) == NPY_FLOAT16;
@@ -260,19 +263,15 @@ static int attn_args_parse(attn_args *a, PyObject *q, PyObject *k, PyObject *v, 
     a->shape.softcap = (float)cap;
     a->shape.window = win;
 
-    /* the float32 copies (where needed) only now that every check passed */
+    /* the float32 copies (where needed) only now that every check passed;
+     * the core scans the values (once per call) */
     if (!(a->q = as_contiguous(q, 0)) || !(a->k = as_contiguous(k, need_v))) return -1;
     if (need_v && !(a->v = as_contiguous(v, 1))) return -1;
-    /* the attention kernels scan their inputs themselves (one pass that also
-     * bounds the values, see attention_failed); the prediction does not */
-    if (!need_v && (check_finite(a->q, "q", a->num_threads) < 0 ||
-                    check_finite(a->k, "k", a->num_threads) < 0))
-        return -1;
     return 0;
 }
 
-/* Raise for a failed attention kernel, naming the argument where the status
- * is about one (the rescan runs on the error path only). */
+/* Raise for a failed core call on q, k (, v), naming the argument where the
+ * status is about one (the rescan runs on the error path only). */
 static PyObject *attention_failed(int status, const attn_args *a, const char *what) {
     if (status == DHSA_ENONFINITE) {
         if (check_finite(a->q, "q", a->num_threads) < 0 ||
@@ -313,16 +312,6 @@ static int parse_required_int(PyObject *obj, const char *name, int64_t min_value
     return 0;
 }
 
-static int parse_required_float(PyObject *obj, const char *name, double *out) {
-    int given = 0;
-    if (parse_float_opt(obj, name, out, &given) < 0) return -1;
-    if (!given) {
-        PyErr_Format(PyExc_TypeError, "%s is required", name);
-        return -1;
-    }
-    return 0;
-}
-
 /* ---- dense_attention --------------------------------------------------- */
 
 static PyObject *py_dense_attention(PyObject *self, PyObject *args, PyObject *kwargs) {
@@ -353,27 +342,68 @@ done:
     return result;
 }
 
-/* ---- selections -------------------------------------------------------- */
+/* ---- a given selection --------------------------------------------------- */
 
-/* A 1-D array of the given integer type, converted (copied if needed). */
+/* A 1-D integer ndarray named `name` (a new reference, or NULL with an
+ * exception): int64 (offsets) or int32 (starts, ends). Arrays already of that
+ * type and contiguous are used as they are; other integer types are converted
+ * once, refusing values the type cannot hold (so 2**32 + 1 never wraps to 1). */
 static PyArrayObject *as_index_array(PyObject *obj, const char *name, int type) {
     if (!PyArray_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name,
                      Py_TYPE(obj)->tp_name);
         return NULL;
     }
-    if (!PyArray_ISINTEGER((PyArrayObject *)obj)) {
+    PyArrayObject *in = (PyArrayObject *)obj;
+    if (!PyArray_ISINTEGER(in)) {
         PyErr_Format(PyExc_TypeError, "%s must hold integers, got %R", name,
-                     (PyObject *)PyArray_DESCR((PyArrayObject *)obj));
+                     (PyObject *)PyArray_DESCR(in));
         return NULL;
     }
-    if (PyArray_NDIM((PyArrayObject *)obj) != 1) {
+    if (PyArray_NDIM(in) != 1) {
         PyErr_Format(PyExc_ValueError, "%s must be 1-dimensional", name);
         return NULL;
     }
-    return (PyArrayObject *)PyArray_FROMANY(obj, type, 1, 1,
-                                            NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED |
-                                                NPY_ARRAY_FORCECAST);
+    const int flags = NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST;
+    const int t = PyArray_TYPE(in);
+    if (t == type || PyArray_CanCastSafely(t, type))
+        return (PyArrayObject *)PyArray_FROMANY(obj, type, 1, 1, flags);
+    /* unsigned 64-bit into int64: values past 2**63 - 1 would turn negative */
+    if (type == NPY_INT64) {
+        PyArrayObject *out = (PyArrayObject *)PyArray_FROMANY(obj, NPY_INT64, 1, 1, flags);
+        if (!out) return NULL;
+        const int64_t *x = PyArray_DATA(out);
+        for (npy_intp i = 0; i < PyArray_SIZE(out); i++)
+            if (x[i] < 0) {
+                PyErr_Format(PyExc_ValueError, "%s must be non-decreasing from 0; it holds a "
+                             "value past 2**63 - 1", name);
+                Py_DECREF(out);
+                return NULL;
+            }
+        return out;
+    }
+    /* into int32 through int64 (no copy for an int64 array), narrowed in one pass */
+    PyArrayObject *wide = (PyArrayObject *)PyArray_FROMANY(obj, NPY_INT64, 1, 1, flags);
+    if (!wide) return NULL;
+    npy_intp n = PyArray_SIZE(wide);
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(1, &n, NPY_INT32);
+    if (out) {
+        const int64_t *x = PyArray_DATA(wide);
+        int32_t *y = PyArray_DATA(out);
+        const int unsigned64 = t == NPY_UINT64 || (t == NPY_ULONG && sizeof(long) == 8) ||
+                               t == NPY_ULONGLONG;
+        for (npy_intp i = 0; i < n; i++) {
+            if (x[i] < 0 ? unsigned64 || x[i] < INT32_MIN : x[i] > INT32_MAX) {
+                PyErr_Format(PyExc_ValueError, "%s holds %lld: ranges need 0 <= start < end <= "
+                             "Lk < 2**31", name, (long long)x[i]);
+                Py_CLEAR(out);
+                break;
+            }
+            y[i] = (int32_t)x[i];
+        }
+    }
+    Py_DECREF(wide);
+    return out;
 }
 
 typedef struct {
@@ -387,42 +417,33 @@ static void sel_args_clear(sel_args *s) {
     Py_XDECREF(s->ends);
 }
 
+/* The CSR structure of a given selection: types, lengths, the number of
+ * groups the offsets imply, offsets from 0 to len(starts) that index into
+ * the arrays. Their order and the ranges are checked by the core, once
+ * (dhsa_selection_check). */
 static int sel_args_parse(sel_args *s, PyObject *offsets, PyObject *starts, PyObject *ends,
                           PyObject *block_size, const dhsa_attn_shape *shape) {
     int64_t bs = 0;
     int given = 0;
     memset(s, 0, sizeof(*s));
+    if (!offsets || !starts || !ends) {
+        PyErr_SetString(PyExc_TypeError, "a selection needs offsets, starts, ends and block_size");
+        return -1;
+    }
     if (parse_int_opt(block_size, "block_size", 1, &bs, &given) < 0) return -1;
     if (!given) {
         PyErr_SetString(PyExc_TypeError, "block_size is required");
         return -1;
     }
     if (bs > shape->Lq) bs = shape->Lq; /* one block either way; no overflow below */
-    /* range values are checked against [0, Lk) before the narrowing copy */
-    PyArrayObject *raw_st = NULL, *raw_en = NULL;
     if (!(s->offsets = as_index_array(offsets, "offsets", NPY_INT64))) return -1;
-    if (!(raw_st = as_index_array(starts, "starts", NPY_INT64))) return -1;
-    if (!(raw_en = as_index_array(ends, "ends", NPY_INT64))) { Py_DECREF(raw_st); return -1; }
-    const int64_t nst = PyArray_SIZE(raw_st), nen = PyArray_SIZE(raw_en);
-    const int64_t *st64 = PyArray_DATA(raw_st), *en64 = PyArray_DATA(raw_en);
-    int bad = nst != nen;
-    for (int64_t i = 0; !bad && i < nst; i++)
-        bad = st64[i] < 0 || en64[i] > shape->Lk || st64[i] >= en64[i];
-    if (bad) {
-        Py_DECREF(raw_st);
-        Py_DECREF(raw_en);
-        PyErr_SetString(PyExc_ValueError,
-                        "starts and ends must have equal length with 0 <= start < end <= Lk");
+    if (!(s->starts = as_index_array(starts, "starts", NPY_INT32))) return -1;
+    if (!(s->ends = as_index_array(ends, "ends", NPY_INT32))) return -1;
+    const int64_t nst = PyArray_SIZE(s->starts);
+    if (nst != PyArray_SIZE(s->ends)) {
+        PyErr_SetString(PyExc_ValueError, "starts and ends must have equal length");
         return -1;
     }
-    s->starts = (PyArrayObject *)PyArray_FROMANY((PyObject *)raw_st, NPY_INT32, 1, 1,
-                                                 NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_FORCECAST);
-    s->ends = (PyArrayObject *)PyArray_FROMANY((PyObject *)raw_en, NPY_INT32, 1, 1,
-                                               NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_FORCECAST);
-    Py_DECREF(raw_st);
-    Py_DECREF(raw_en);
-    if (!s->starts || !s->ends) return -1;
-
     const int64_t nqb = (shape->Lq + bs - 1) / bs;
     const int64_t nrows = PyArray_SIZE(s->offsets) - 1;
     int64_t groups = 0;
@@ -441,9 +462,12 @@ static int sel_args_parse(sel_args *s, PyObject *offsets, PyObject *starts, PyOb
         PyErr_SetString(PyExc_ValueError, "offsets must start at 0 and end at len(starts)");
         return -1;
     }
-    for (int64_t i = 0; i < nrows; i++)
-        if (off[i + 1] < off[i]) {
-            PyErr_SetString(PyExc_ValueError, "offsets must be non-decreasing");
+    /* every offset an index into starts / ends, so that the core's check
+     * (which does not know their length) reads inside them */
+    for (int64_t i = 1; i < nrows; i++)
+        if (off[i] < 0 || off[i] > nst) {
+            PyErr_Format(PyExc_ValueError, "offsets[%lld] = %lld is no index into starts / ends "
+                         "(of length %lld)", (long long)i, (long long)off[i], (long long)nst);
             return -1;
         }
     s->sel.block_size = bs;
@@ -452,45 +476,7 @@ static int sel_args_parse(sel_args *s, PyObject *offsets, PyObject *starts, PyOb
     s->sel.offsets = off;
     s->sel.starts = PyArray_DATA(s->starts);
     s->sel.ends = PyArray_DATA(s->ends);
-    if (dhsa_selection_check(&s->sel, shape) != DHSA_OK) {
-        PyErr_SetString(PyExc_ValueError,
-                        "selection ranges must be sorted and non-overlapping within each block");
-        return -1;
-    }
     return 0;
-}
-
-static PyObject *py_sparse_attention(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"q", "k", "v", "offsets", "starts", "ends", "block_size",
-                             "causal", "scale", "softcap", "window", "num_threads", NULL};
-    PyObject *q, *k, *v, *offsets, *starts, *ends, *block_size, *scale = Py_None,
-             *softcap = Py_None, *window = Py_None, *threads = Py_None, *result = NULL;
-    int causal = 1, st;
-    attn_args a;
-    sel_args s;
-    PyArrayObject *out = NULL;
-    memset(&a, 0, sizeof(a));
-    memset(&s, 0, sizeof(s));
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$pOOOO", kwlist, &q, &k, &v,
-                                     &offsets, &starts, &ends, &block_size, &causal, &scale,
-                                     &softcap, &window, &threads))
-        return NULL;
-    if (attn_args_parse(&a, q, k, v, causal, scale, softcap, window, threads, 1) < 0) goto done;
-    if (sel_args_parse(&s, offsets, starts, ends, block_size, &a.shape) < 0) goto done;
-    if (!(out = new_output(&a))) goto done;
-    Py_BEGIN_ALLOW_THREADS
-    st = dhsa_attention_sparse((float *)PyArray_DATA(out), PyArray_DATA(a.q), PyArray_DATA(a.k),
-                               PyArray_DATA(a.v), &a.shape, &s.sel, a.num_threads);
-    Py_END_ALLOW_THREADS
-    if (st != DHSA_OK) { attention_failed(st, &a, "sparse_attention"); goto done; }
-    result = finish_output(out, a.dtype);
-    out = NULL;
-done:
-    Py_XDECREF(out);
-    attn_args_clear(&a);
-    sel_args_clear(&s);
-    (void)self;
-    return result;
 }
 
 /* count_pairs(offsets, starts, ends, *, block_size, B, H, Hkv, Lq, Lk, causal, window,
@@ -547,202 +533,424 @@ done:
     return result;
 }
 
+/* ---- DHSAConfig -> dhsa_predict_params ------------------------------------ */
+
+enum { FIELD_INT, FIELD_OPT_INT, FIELD_FLOAT, FIELD_ENUM };
+
+/* Every field the core reads, by its DHSAConfig name. */
+static const struct { const char *name; int kind; size_t offset; } config_fields[] = {
+    {"budget", FIELD_INT, offsetof(dhsa_predict_params, budget)},
+    {"block_size", FIELD_INT, offsetof(dhsa_predict_params, block_size)},
+    {"sink", FIELD_INT, offsetof(dhsa_predict_params, sink)},
+    {"local", FIELD_INT, offsetof(dhsa_predict_params, local)},
+    {"budget_mode", FIELD_ENUM, offsetof(dhsa_predict_params, budget_mode)},
+    {"density", FIELD_FLOAT, offsetof(dhsa_predict_params, density)},
+    {"mass", FIELD_FLOAT, offsetof(dhsa_predict_params, mass)},
+    {"min_budget", FIELD_INT, offsetof(dhsa_predict_params, min_budget)},
+    {"max_budget", FIELD_INT, offsetof(dhsa_predict_params, max_budget)},
+    {"granularity", FIELD_ENUM, offsetof(dhsa_predict_params, granularity)},
+    {"chunking", FIELD_ENUM, offsetof(dhsa_predict_params, chunking)},
+    {"chunk_size", FIELD_INT, offsetof(dhsa_predict_params, chunk_size)},
+    {"boundary_window", FIELD_INT, offsetof(dhsa_predict_params, boundary_window)},
+    {"threshold", FIELD_FLOAT, offsetof(dhsa_predict_params, threshold)},
+    {"min_chunk", FIELD_INT, offsetof(dhsa_predict_params, min_chunk)},
+    {"max_chunk", FIELD_INT, offsetof(dhsa_predict_params, max_chunk)},
+    {"nms_radius", FIELD_INT, offsetof(dhsa_predict_params, nms_radius)},
+    {"max_chunks", FIELD_OPT_INT, offsetof(dhsa_predict_params, max_chunks)},
+    {"normalization", FIELD_ENUM, offsetof(dhsa_predict_params, normalization)},
+    {"method", FIELD_ENUM, offsetof(dhsa_predict_params, method)},
+};
+
+#define NUM_CONFIG_FIELDS (sizeof(config_fields) / sizeof(config_fields[0]))
+
+/* The field names as interned strings, made once at import: no str is built
+ * per call and attribute lookups hit the interned fast path. */
+static PyObject *config_names[NUM_CONFIG_FIELDS];
+
+static int config_names_init(void) {
+    for (size_t i = 0; i < NUM_CONFIG_FIELDS; i++)
+        if (!(config_names[i] = PyUnicode_InternFromString(config_fields[i].name))) return -1;
+    return 0;
+}
+
+/* One field: an int (None -> 0 for FIELD_OPT_INT), a finite real, or a
+ * string the core's name table knows. */
+static int config_field(PyObject *value, const char *name, int kind, char *dst) {
+    if (kind == FIELD_ENUM) {
+        const char *str = PyUnicode_Check(value) ? PyUnicode_AsUTF8(value) : NULL;
+        if (!str) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "config.%s must be a str, got %s", name,
+                         Py_TYPE(value)->tp_name);
+            return -1;
+        }
+        if (dhsa_enum_value(name, str, (int *)(void *)dst) != DHSA_OK) {
+            PyErr_Format(PyExc_ValueError, "config.%s = '%s' is not run by the C core", name, str);
+            return -1;
+        }
+        return 0;
+    }
+    if (kind == FIELD_FLOAT) {
+        double v = 0.0;
+        int given = 0;
+        char label[64];
+        snprintf(label, sizeof(label), "config.%s", name);
+        if (value == Py_None) {
+            PyErr_Format(PyExc_TypeError, "%s must be a real number, got None", label);
+            return -1;
+        }
+        if (parse_float_opt(value, label, &v, &given) < 0) return -1;
+        memcpy(dst, &v, sizeof(v));
+        return 0;
+    }
+    int64_t v = 0;
+    int given = 0;
+    char label[64];
+    snprintf(label, sizeof(label), "config.%s", name);
+    if (kind == FIELD_INT && value == Py_None) {
+        PyErr_Format(PyExc_TypeError, "%s must be an integer, got None", label);
+        return -1;
+    }
+    /* the core refuses negative values (DHSA_EINVAL); here only the type */
+    if (parse_int_opt(value, label, INT64_MIN, &v, &given) < 0) return -1;
+    memcpy(dst, &v, sizeof(v));
+    return 0;
+}
+
+/* config (a DHSAConfig, or any object with its attributes) -> *p */
+static int params_from_config(PyObject *config, dhsa_predict_params *p) {
+    memset(p, 0, sizeof(*p));
+    for (size_t i = 0; i < NUM_CONFIG_FIELDS; i++) {
+        PyObject *value = PyObject_GetAttr(config, config_names[i]);
+        if (!value) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "config must be a DHSAConfig: %s has no field '%s'",
+                         Py_TYPE(config)->tp_name, config_fields[i].name);
+            return -1;
+        }
+        const int r = config_field(value, config_fields[i].name, config_fields[i].kind,
+                                   (char *)p + config_fields[i].offset);
+        Py_DECREF(value);
+        if (r < 0) return -1;
+    }
+    return 0;
+}
+
+/* Caller-given boundaries: one 1-D integer array for every chunking group, or
+ * a sequence of n of them, into *bounds (n, Lk + 1) and *num_bounds (n)
+ * (PyMem buffers the caller frees). Only types and counts here; the values
+ * are the core's to check (DHSA_EBOUNDS). */
+static int parse_boundaries(PyObject *obj, int64_t n, int64_t Lk, int64_t **bounds,
+                            int64_t **num_bounds) {
+    PyObject *seq = NULL;
+    int rc = -1;
+    *bounds = NULL;
+    *num_bounds = NULL;
+    const int shared = PyArray_Check(obj) && PyArray_NDIM((PyArrayObject *)obj) == 1;
+    if (!shared) {
+        if (PyUnicode_Check(obj) || !(seq = PySequence_Fast(obj, "x"))) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError,
+                            "boundaries must be a 1-D integer array or a sequence of them");
+            goto done;
+        }
+        if (PySequence_Fast_GET_SIZE(seq) != n) {
+            PyErr_Format(PyExc_ValueError, "boundaries must give %lld arrays (batch x chunk "
+                         "groups), got %zd", (long long)n, PySequence_Fast_GET_SIZE(seq));
+            goto done;
+        }
+    }
+    *bounds = PyMem_Calloc((size_t)(n * (Lk + 1)), sizeof(int64_t));
+    *num_bounds = PyMem_Calloc((size_t)n, sizeof(int64_t));
+    if (!*bounds || !*num_bounds) { PyErr_NoMemory(); goto done; }
+    for (int64_t g = 0; g < n; g++) {
+        PyObject *item = shared ? obj : PySequence_Fast_GET_ITEM(seq, g);
+        PyArrayObject *row = (PyArrayObject *)PyArray_FROM_O(item);
+        if (!row) goto done;
+        if (PyArray_NDIM(row) != 1 || !PyArray_ISINTEGER(row)) {
+            Py_DECREF(row);
+            PyErr_SetString(PyExc_TypeError, "boundaries must hold 1-D integer arrays");
+            goto done;
+        }
+        PyArrayObject *r64 = (PyArrayObject *)PyArray_FROMANY(
+            (PyObject *)row, NPY_INT64, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED |
+                                                  NPY_ARRAY_FORCECAST);
+        Py_DECREF(row);
+        if (!r64) goto done;
+        const int64_t len = PyArray_SIZE(r64);
+        /* a row too long for Lk + 1 entries is refused by the core's check */
+        memcpy(*bounds + g * (Lk + 1), PyArray_DATA(r64),
+               (size_t)DHSA_MIN(len, Lk + 1) * sizeof(int64_t));
+        (*num_bounds)[g] = len;
+        Py_DECREF(r64);
+    }
+    rc = 0;
+done:
+    Py_XDECREF(seq);
+    if (rc < 0) {
+        PyMem_Free(*bounds);
+        PyMem_Free(*num_bounds);
+        *bounds = *num_bounds = NULL;
+    }
+    return rc;
+}
+
+/* ---- a prediction as NumPy arrays ------------------------------------------ */
+
+static void prediction_capsule_free(PyObject *capsule) {
+    dhsa_prediction_free(PyCapsule_GetPointer(capsule, "dhsa.prediction"));
+}
+
+/* An array over one buffer of the prediction, kept alive by the capsule. */
+static PyObject *wrap(PyObject *capsule, void *data, int nd, npy_intp *dims, int type) {
+    PyObject *arr = PyArray_SimpleNewFromData(nd, dims, type, data);
+    if (!arr) return NULL;
+    Py_INCREF(capsule);
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, capsule) < 0) {
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+/* The dict of a prediction (steals pred). Its buffers become the arrays'
+ * memory, without a copy; the last array to go frees the prediction. */
+static PyObject *prediction_dict(dhsa_prediction *pred, const dhsa_attn_shape *s) {
+    PyObject *capsule = PyCapsule_New(pred, "dhsa.prediction", prediction_capsule_free);
+    PyObject *d = NULL, *item = NULL;
+    if (!capsule) { dhsa_prediction_free(pred); return NULL; }
+    if (!(d = PyDict_New())) goto fail;
+    npy_intp ncg = (npy_intp)(s->B * pred->chunk_groups);
+    npy_intp nsg = (npy_intp)(s->B * pred->select_groups);
+    const npy_intp nrows = nsg * (npy_intp)pred->num_blocks;
+    npy_intp bdims[2] = {ncg, (npy_intp)(s->Lk + 1)}, noff = nrows + 1;
+    npy_intp nr = (npy_intp)pred->num_ranges;
+    npy_intp sdims[3] = {nsg, (npy_intp)pred->num_blocks, (npy_intp)pred->score_stride};
+    struct { const char *key; void *data; int nd; npy_intp *dims; int type; } arrays[] = {
+        {"bounds", pred->bounds, 2, bdims, NPY_INT64},
+        {"num_bounds", pred->num_bounds, 1, &ncg, NPY_INT64},
+        {"offsets", pred->offsets, 1, &noff, NPY_INT64},
+        {"starts", pred->starts, 1, &nr, NPY_INT32},
+        {"ends", pred->ends, 1, &nr, NPY_INT32},
+        {"pairs_selected", pred->pairs_selected, 1, &nsg, NPY_INT64},
+        {"pairs_allowed", pred->pairs_allowed, 1, &nsg, NPY_INT64},
+        {"chunk_scores", pred->chunk_scores, 3, sdims, NPY_FLOAT64},
+    };
+    for (size_t i = 0; i < sizeof(arrays) / sizeof(arrays[0]); i++) {
+        /* a buffer the call did not make (a given selection's ranges) is None */
+        if (arrays[i].data) item = wrap(capsule, arrays[i].data, arrays[i].nd, arrays[i].dims,
+                                        arrays[i].type);
+        else { item = Py_None; Py_INCREF(item); }
+        if (!item || PyDict_SetItemString(d, arrays[i].key, item) < 0) goto fail;
+        Py_CLEAR(item);
+    }
+    struct { const char *key; PyObject *value; } scalars[] = {
+        {"chunk_groups", PyLong_FromLongLong(pred->chunk_groups)},
+        {"select_groups", PyLong_FromLongLong(pred->select_groups)},
+        {"num_blocks", PyLong_FromLongLong(pred->num_blocks)},
+        {"block_size", PyLong_FromLongLong(pred->block_size)},
+        {"predict_seconds", PyFloat_FromDouble(pred->predict_seconds)},
+        {"attention_seconds", PyFloat_FromDouble(pred->attention_seconds)},
+    };
+    int bad = 0;
+    for (size_t i = 0; i < sizeof(scalars) / sizeof(scalars[0]); i++) {
+        if (!bad && (!scalars[i].value ||
+                     PyDict_SetItemString(d, scalars[i].key, scalars[i].value) < 0))
+            bad = 1;
+        Py_XDECREF(scalars[i].value);
+    }
+    if (bad) goto fail;
+    Py_DECREF(capsule);
+    return d;
+fail:
+    Py_XDECREF(item);
+    Py_XDECREF(d);
+    Py_DECREF(capsule);
+    return NULL;
+}
+
+/* Raise for a failed prediction: the bad boundaries row by its index. */
+static PyObject *predict_failed(int status, const attn_args *a, const int64_t *bounds,
+                                const int64_t *num_bounds, int64_t n, const char *what) {
+    if (status == DHSA_EBOUNDS && bounds) {
+        const int64_t g = dhsa_predict_bad_bounds(bounds, num_bounds, n, a->shape.Lk);
+        PyErr_Format(PyExc_ValueError, "boundaries[%lld] must rise strictly from 0 to Lk=%lld",
+                     (long long)g, (long long)a->shape.Lk);
+        return NULL;
+    }
+    if (status == DHSA_ESELECTION) {
+        PyErr_Format(PyExc_ValueError, "%s: selection: %s", what, dhsa_status_string(status));
+        return NULL;
+    }
+    return attention_failed(status, a, what);
+}
+
 /* ---- predict ----------------------------------------------------------- */
 
-/* predict(q, k, *, options...) -> dict of numpy arrays:
+/* predict(q, k, config, *, causal, scale, window, boundaries, return_scores,
+ *         num_threads) -> dict of numpy arrays:
  *   bounds (B*CG, Lk+1) int64 and num_bounds (B*CG,): the chunking
- *   offsets (B*SG*NQB+1,), starts, ends (int32): the selection
- *   pairs_selected, pairs_allowed (B*SG,)
- *   chunk_scores (B*SG, NQB, max chunks) float64 or None */
+ *   offsets (B*SG*NQB+1,) int64, starts, ends (int32): the selection
+ *   pairs_selected, pairs_allowed (B*SG,) int64
+ *   chunk_scores (B*SG, NQB, max chunks) float64 or None
+ *   chunk_groups, select_groups, num_blocks, block_size, predict_seconds */
 static PyObject *py_predict(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"q", "k", "causal", "scale", "window", "granularity",
-                             "block_size", "sink", "local", "mode", "budget", "density",
-                             "mass", "min_budget", "max_budget", "boundary_window",
-                             "threshold", "min_len", "max_len", "nms_radius", "max_chunks",
-                             "bounds", "num_bounds", "return_scores", "num_threads", "key_norm",
-                             NULL};
-    PyObject *q, *k, *scale = Py_None, *window = Py_None, *gran = NULL, *bsize = NULL,
-             *sink = NULL, *local = NULL, *mode = NULL, *budget = NULL, *density = NULL,
-             *mass = NULL, *minb = NULL, *maxb = NULL, *bwin = NULL, *thr = NULL, *minl = NULL,
-             *maxl = NULL, *nms = NULL, *maxc = NULL,
-             *bounds_in = Py_None, *nbounds_in = Py_None, *threads = Py_None, *knorm = Py_None,
-             *result = NULL;
+    static char *kwlist[] = {"q", "k", "config", "causal", "scale", "window", "boundaries",
+                             "return_scores", "num_threads", NULL};
+    PyObject *q, *k, *config, *scale = Py_None, *window = Py_None, *bounds_in = Py_None,
+             *threads = Py_None, *result = NULL;
     int causal = 1, return_scores = 0, st = DHSA_OK;
     attn_args a;
     dhsa_predict_params p;
-    int64_t tmp = 0;
-    PyArrayObject *bounds = NULL, *nbounds = NULL, *cap = NULL, *counts = NULL, *st_buf = NULL,
-                  *en_buf = NULL, *offsets = NULL, *starts = NULL, *ends = NULL,
-                  *psel = NULL, *pall = NULL, *scores = NULL;
+    dhsa_prediction *pred = NULL;
+    int64_t *bounds = NULL, *num_bounds = NULL, ncg = 0;
     memset(&a, 0, sizeof(a));
-    memset(&p, 0, sizeof(p));
-    if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OO|$pOOOOOOOOOOOOOOOOOOOOpOO", kwlist, &q, &k, &causal, &scale, &window,
-            &gran, &bsize, &sink, &local, &mode, &budget, &density, &mass, &minb, &maxb, &bwin,
-            &thr, &minl, &maxl, &nms, &maxc, &bounds_in, &nbounds_in, &return_scores, &threads,
-            &knorm))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$pOOOpO", kwlist, &q, &k, &config,
+                                     &causal, &scale, &window, &bounds_in, &return_scores,
+                                     &threads))
         return NULL;
     if (attn_args_parse(&a, q, k, NULL, causal, scale, Py_None, window, threads, 0) < 0)
         goto done;
-    if (parse_required_int(gran, "granularity", 0, &tmp) < 0) goto done;
-    p.granularity = (int)DHSA_MIN(tmp, 3);
-    if (parse_required_int(mode, "mode", 0, &tmp) < 0) goto done;
-    p.mode = (int)DHSA_MIN(tmp, 3);
-    if (parse_required_int(bsize, "block_size", 1, &p.block_size) < 0 ||
-        parse_required_int(sink, "sink", 0, &p.sink) < 0 ||
-        parse_required_int(local, "local", 0, &p.local) < 0 ||
-        parse_required_int(budget, "budget", 1, &p.budget) < 0 ||
-        parse_required_float(density, "density", &p.density) < 0 ||
-        parse_required_float(mass, "mass", &p.mass) < 0 ||
-        parse_required_int(minb, "min_budget", 1, &p.min_budget) < 0 ||
-        parse_required_int(maxb, "max_budget", 1, &p.max_budget) < 0 ||
-        parse_required_int(bwin, "boundary_window", 1, &p.boundary_window) < 0 ||
-        parse_required_float(thr, "threshold", &p.chunking.threshold) < 0 ||
-        parse_required_int(minl, "min_len", 1, &p.chunking.min_len) < 0 ||
-        parse_required_int(maxl, "max_len", 1, &p.chunking.max_len) < 0 ||
-        parse_required_int(nms, "nms_radius", 0, &p.chunking.nms_radius) < 0 ||
-        parse_required_int(maxc, "max_chunks", 0, &p.chunking.max_chunks) < 0)
+    if (params_from_config(config, &p) < 0) goto done;
+    ncg = a.shape.B * dhsa_rule_chunk_groups(&a.shape, p.granularity);
+    if (bounds_in != Py_None &&
+        parse_boundaries(bounds_in, ncg, a.shape.Lk, &bounds, &num_bounds) < 0)
         goto done;
-    {
-        int given = 0;
-        p.key_norm = 0.5;
-        if (parse_float_opt(knorm, "key_norm", &p.key_norm, &given) < 0) goto done;
-        if (!(p.key_norm >= 0.0 && p.key_norm <= 1.0)) {
-            PyErr_SetString(PyExc_ValueError, "key_norm must be in [0, 1]");
-            goto done;
-        }
-    }
-    if (p.granularity > 2) { PyErr_SetString(PyExc_ValueError, "granularity must be 0, 1 or 2"); goto done; }
-    if (p.mode > 2) { PyErr_SetString(PyExc_ValueError, "mode must be 0, 1 or 2"); goto done; }
-    if (!(p.density > 0.0 && p.density <= 1.0)) { PyErr_SetString(PyExc_ValueError, "density must be in (0, 1]"); goto done; }
-    if (!(p.mass > 0.0 && p.mass <= 1.0)) { PyErr_SetString(PyExc_ValueError, "mass must be in (0, 1]"); goto done; }
-    if (p.max_budget < p.min_budget) { PyErr_SetString(PyExc_ValueError, "max_budget must be >= min_budget"); goto done; }
-    if (p.chunking.max_len < p.chunking.min_len) { PyErr_SetString(PyExc_ValueError, "max_len must be >= min_len"); goto done; }
-
-    /* Values past the sequence length mean the same as the length itself;
-     * clamping keeps every position sum in the core far from overflow. */
-    {
-        const int64_t Lk = a.shape.Lk, Lq = a.shape.Lq;
-        p.block_size = DHSA_MIN(p.block_size, Lq);
-        p.sink = DHSA_MIN(p.sink, Lk);
-        p.local = DHSA_MIN(p.local, Lk);
-        p.budget = DHSA_MIN(p.budget, Lk);
-        p.min_budget = DHSA_MIN(p.min_budget, Lk);
-        p.max_budget = DHSA_MIN(p.max_budget, Lk);
-        p.boundary_window = DHSA_MIN(p.boundary_window, Lk);
-        p.chunking.min_len = DHSA_MIN(p.chunking.min_len, Lk);
-        p.chunking.max_len = DHSA_MIN(p.chunking.max_len, Lk);
-        p.chunking.nms_radius = DHSA_MIN(p.chunking.nms_radius, Lk);
-        p.chunking.max_chunks = DHSA_MIN(p.chunking.max_chunks, Lk);
-    }
-    const dhsa_attn_shape *s = &a.shape;
-    const int64_t CG = dhsa_predict_chunk_groups(s, &p), SG = dhsa_predict_select_groups(s, &p);
-    const int64_t NQB = (s->Lq + p.block_size - 1) / p.block_size;
-    npy_intp bdims[2] = {(npy_intp)(s->B * CG), (npy_intp)(s->Lk + 1)};
-    if (bounds_in == Py_None) {
-        if (!(bounds = (PyArrayObject *)PyArray_SimpleNew(2, bdims, NPY_INT64))) goto done;
-        if (!(nbounds = (PyArrayObject *)PyArray_SimpleNew(1, bdims, NPY_INT64))) goto done;
-        Py_BEGIN_ALLOW_THREADS
-        st = dhsa_predict_boundaries(PyArray_DATA(bounds), PyArray_DATA(nbounds),
-                                     PyArray_DATA(a.k), s, &p, a.num_threads);
-        Py_END_ALLOW_THREADS
-        if (st != DHSA_OK) { raise_status(st, "predict boundaries"); goto done; }
-    } else {
-        if (!PyArray_Check(bounds_in) || !PyArray_ISINTEGER((PyArrayObject *)bounds_in) ||
-            !PyArray_Check(nbounds_in) || !PyArray_ISINTEGER((PyArrayObject *)nbounds_in)) {
-            PyErr_SetString(PyExc_TypeError, "bounds and num_bounds must be integer ndarrays");
-            goto done;
-        }
-        bounds = (PyArrayObject *)PyArray_FROMANY(bounds_in, NPY_INT64, 2, 2,
-                                                  NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED |
-                                                      NPY_ARRAY_FORCECAST);
-        nbounds = (PyArrayObject *)PyArray_FROMANY(nbounds_in, NPY_INT64, 1, 1,
-                                                   NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED |
-                                                       NPY_ARRAY_FORCECAST);
-        if (!bounds || !nbounds) goto done;
-        if (PyArray_DIM(bounds, 0) != bdims[0] || PyArray_DIM(bounds, 1) != bdims[1] ||
-            PyArray_DIM(nbounds, 0) != bdims[0]) {
-            PyErr_Format(PyExc_ValueError, "bounds must have shape (%zd, %zd)",
-                         (Py_ssize_t)bdims[0], (Py_ssize_t)bdims[1]);
-            goto done;
-        }
-        if (dhsa_predict_check_bounds(PyArray_DATA(bounds), PyArray_DATA(nbounds), s, &p) !=
-            DHSA_OK) {
-            PyErr_SetString(PyExc_ValueError,
-                            "boundaries must start at 0, increase strictly and end at Lk");
-            goto done;
-        }
-    }
-
-    npy_intp nrows = (npy_intp)(s->B * SG * NQB), ncap = nrows + 1;
-    if (!(cap = (PyArrayObject *)PyArray_SimpleNew(1, &ncap, NPY_INT64))) goto done;
-    st = dhsa_predict_capacity(PyArray_DATA(cap), s, &p, PyArray_DATA(bounds),
-                               PyArray_DATA(nbounds));
-    if (st != DHSA_OK) { raise_status(st, "predict capacity"); goto done; }
-    npy_intp total = (npy_intp)((int64_t *)PyArray_DATA(cap))[nrows];
-    if (!(counts = (PyArrayObject *)PyArray_SimpleNew(1, &nrows, NPY_INT64))) goto done;
-    if (!(st_buf = (PyArrayObject *)PyArray_SimpleNew(1, &total, NPY_INT32))) goto done;
-    if (!(en_buf = (PyArrayObject *)PyArray_SimpleNew(1, &total, NPY_INT32))) goto done;
-    int64_t ncmax = 1;
-    const int64_t *nb = PyArray_DATA(nbounds);
-    for (int64_t i = 0; i < s->B * CG; i++) ncmax = DHSA_MAX(ncmax, nb[i] - 1);
-    if (return_scores) {
-        npy_intp sdims[3] = {(npy_intp)(s->B * SG), (npy_intp)NQB, (npy_intp)ncmax};
-        if (!(scores = (PyArrayObject *)PyArray_SimpleNew(3, sdims, NPY_FLOAT64))) goto done;
-    }
     Py_BEGIN_ALLOW_THREADS
-    st = dhsa_predict_select(PyArray_DATA(st_buf), PyArray_DATA(en_buf), PyArray_DATA(counts),
-                             scores ? PyArray_DATA(scores) : NULL, ncmax, PyArray_DATA(cap),
-                             PyArray_DATA(a.q), PyArray_DATA(a.k), s, &p, PyArray_DATA(bounds),
-                             PyArray_DATA(nbounds), a.num_threads);
+    st = dhsa_predict(&pred, PyArray_DATA(a.q), PyArray_DATA(a.k), &a.shape, &p, bounds,
+                      num_bounds, return_scores ? DHSA_PREDICT_SCORES : 0, a.num_threads);
     Py_END_ALLOW_THREADS
-    if (st != DHSA_OK) { raise_status(st, "predict selection"); goto done; }
-
-    /* compact the per-block capacity slots into CSR */
-    {
-        const int64_t *c = PyArray_DATA(counts), *cp = PyArray_DATA(cap);
-        npy_intp nsel = 0;
-        for (npy_intp i = 0; i < nrows; i++) nsel += (npy_intp)c[i];
-        if (!(offsets = (PyArrayObject *)PyArray_SimpleNew(1, &ncap, NPY_INT64))) goto done;
-        if (!(starts = (PyArrayObject *)PyArray_SimpleNew(1, &nsel, NPY_INT32))) goto done;
-        if (!(ends = (PyArrayObject *)PyArray_SimpleNew(1, &nsel, NPY_INT32))) goto done;
-        int64_t *off = PyArray_DATA(offsets);
-        int32_t *so = PyArray_DATA(starts), *eo = PyArray_DATA(ends);
-        const int32_t *si = PyArray_DATA(st_buf), *ei = PyArray_DATA(en_buf);
-        off[0] = 0;
-        for (npy_intp i = 0; i < nrows; i++) {
-            memcpy(so + off[i], si + cp[i], (size_t)c[i] * sizeof(int32_t));
-            memcpy(eo + off[i], ei + cp[i], (size_t)c[i] * sizeof(int32_t));
-            off[i + 1] = off[i] + c[i];
-        }
-    }
-    {
-        dhsa_selection sel = {p.block_size, NQB, SG, PyArray_DATA(offsets), PyArray_DATA(starts),
-                              PyArray_DATA(ends)};
-        npy_intp ng = (npy_intp)(s->B * SG);
-        if (!(psel = (PyArrayObject *)PyArray_SimpleNew(1, &ng, NPY_INT64))) goto done;
-        if (!(pall = (PyArrayObject *)PyArray_SimpleNew(1, &ng, NPY_INT64))) goto done;
-        Py_BEGIN_ALLOW_THREADS
-        st = dhsa_selection_count_pairs(PyArray_DATA(psel), PyArray_DATA(pall), &sel, s,
-                                        a.num_threads);
-        Py_END_ALLOW_THREADS
-        if (st != DHSA_OK) { raise_status(st, "predict count pairs"); goto done; }
-    }
-    result = Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:n,s:n}", "bounds", bounds,
-                           "num_bounds", nbounds, "offsets", offsets, "starts", starts, "ends",
-                           ends, "pairs_selected", psel, "pairs_allowed", pall, "chunk_scores",
-                           scores ? (PyObject *)scores : Py_None, "chunk_groups", (Py_ssize_t)CG,
-                           "select_groups", (Py_ssize_t)SG);
+    if (st != DHSA_OK) { predict_failed(st, &a, bounds, num_bounds, ncg, "predict"); goto done; }
+    result = prediction_dict(pred, &a.shape);
 done:
-    Py_XDECREF(bounds); Py_XDECREF(nbounds); Py_XDECREF(cap); Py_XDECREF(counts);
-    Py_XDECREF(st_buf); Py_XDECREF(en_buf); Py_XDECREF(offsets); Py_XDECREF(starts);
-    Py_XDECREF(ends); Py_XDECREF(psel); Py_XDECREF(pall); Py_XDECREF(scores);
+    PyMem_Free(bounds);
+    PyMem_Free(num_bounds);
     attn_args_clear(&a);
     (void)self;
     return result;
 }
 
-/* ---- build information, switches, machine rate ------------------------ */
+/* ---- sparse_attention -------------------------------------------------- */
+
+/* sparse_attention(q, k, v, *, config=None, boundaries=None, offsets=None,
+ *                  starts=None, ends=None, block_size=None, causal, scale, softcap,
+ *                  window, num_threads, return_info=False)
+ * -> out, or (out, dict as predict's) with return_info. With config the
+ * selection is predicted in the same core call (q, k, v scanned once); else
+ * offsets / starts / ends / block_size give it (int64 offsets and int32
+ * ranges used without a copy), and the dict holds the pair counts only. */
+static PyObject *py_sparse_attention(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"q", "k", "v", "config", "boundaries", "offsets", "starts", "ends",
+                             "block_size", "causal", "scale", "softcap", "window",
+                             "num_threads", "return_info", NULL};
+    PyObject *q, *k, *v, *config = Py_None, *bounds_in = Py_None, *offsets = NULL,
+             *starts = NULL, *ends = NULL, *block_size = Py_None, *scale = Py_None,
+             *softcap = Py_None, *window = Py_None, *threads = Py_None, *result = NULL,
+             *info = NULL;
+    int causal = 1, return_info = 0, st;
+    attn_args a;
+    sel_args s;
+    dhsa_predict_params p;
+    dhsa_prediction *pred = NULL;
+    int64_t *bounds = NULL, *num_bounds = NULL, ncg = 0;
+    PyArrayObject *out = NULL;
+    memset(&a, 0, sizeof(a));
+    memset(&s, 0, sizeof(s));
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$OOOOOOpOOOOp", kwlist, &q, &k, &v,
+                                     &config, &bounds_in, &offsets, &starts, &ends, &block_size,
+                                     &causal, &scale, &softcap, &window, &threads, &return_info))
+        return NULL;
+    const int given_sel = offsets || starts || ends || block_size != Py_None;
+    if ((config == Py_None) == !given_sel) {
+        PyErr_SetString(PyExc_TypeError,
+                        "sparse_attention needs either config or offsets/starts/ends/block_size");
+        return NULL;
+    }
+    if (config == Py_None && bounds_in != Py_None) {
+        PyErr_SetString(PyExc_TypeError, "boundaries need a config (they feed the prediction)");
+        return NULL;
+    }
+    if (attn_args_parse(&a, q, k, v, causal, scale, softcap, window, threads, 1) < 0) goto done;
+    if (config != Py_None) {
+        if (params_from_config(config, &p) < 0) goto done;
+        ncg = a.shape.B * dhsa_rule_chunk_groups(&a.shape, p.granularity);
+        if (bounds_in != Py_None &&
+            parse_boundaries(bounds_in, ncg, a.shape.Lk, &bounds, &num_bounds) < 0)
+            goto done;
+    } else if (sel_args_parse(&s, offsets, starts, ends, block_size, &a.shape) < 0) {
+        goto done;
+    }
+    if (!(out = new_output(&a))) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    st = dhsa_sparse_attention((float *)PyArray_DATA(out), &pred, PyArray_DATA(a.q),
+                               PyArray_DATA(a.k), PyArray_DATA(a.v), &a.shape,
+                               config != Py_None ? &p : NULL, bounds, num_bounds,
+                               config != Py_None ? NULL : &s.sel,
+                               return_info ? DHSA_PREDICT_COUNTS : 0, a.num_threads);
+    Py_END_ALLOW_THREADS
+    if (st != DHSA_OK) {
+        predict_failed(st, &a, bounds, num_bounds, ncg, "sparse_attention");
+        goto done;
+    }
+    if (!return_info) {
+        dhsa_prediction_free(pred);
+        result = finish_output(out, a.dtype);
+        out = NULL;
+        goto done;
+    }
+    info = prediction_dict(pred, &a.shape);
+    if (!info) goto done;
+    {
+        PyObject *o = finish_output(out, a.dtype);
+        out = NULL;
+        if (o) result = Py_BuildValue("NO", o, info);
+    }
+done:
+    Py_XDECREF(out);
+    Py_XDECREF(info);
+    PyMem_Free(bounds);
+    PyMem_Free(num_bounds);
+    attn_args_clear(&a);
+    sel_args_clear(&s);
+    (void)self;
+    return result;
+}
+
+/* ---- check_inputs -------------------------------------------------------- */
+
+/* check_inputs(q, k, v=None, *, causal, scale, softcap, window, num_threads)
+ * -> None: the argument conversion and the input scan every other entry point
+ * runs, for code that computes in NumPy (the baselines) but must refuse bad
+ * input the same way. */
+static PyObject *py_check_inputs(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"q", "k", "v", "causal", "scale", "softcap", "window",
+                             "num_threads", NULL};
+    PyObject *q, *k, *v = Py_None, *scale = Py_None, *softcap = Py_None, *window = Py_None,
+             *threads = Py_None, *result = NULL;
+    int causal = 1, st;
+    attn_args a;
+    memset(&a, 0, sizeof(a));
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O$pOOOO", kwlist, &q, &k, &v, &causal,
+                                     &scale, &softcap, &window, &threads))
+        return NULL;
+    const int with_v = v != Py_None;
+    if (attn_args_parse(&a, q, k, with_v ? v : NULL, causal, scale, softcap, window, threads,
+                        with_v) < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    st = dhsa_check_inputs(PyArray_DATA(a.q), PyArray_DATA(a.k),
+                           a.v ? PyArray_DATA(a.v) : NULL, &a.shape, a.num_threads);
+    Py_END_ALLOW_THREADS
+    if (st != DHSA_OK) { attention_failed(st, &a, "check_inputs"); goto done; }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    attn_args_clear(&a);
+    (void)self;
+    return result;
+}
+
+/* ---- build information and switches ------------------------------------ */
 
 static PyObject *py_build_info(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
@@ -807,70 +1015,24 @@ static PyObject *py_tile_path(PyObject *self, PyObject *args, PyObject *kwargs) 
     return PyUnicode_FromString(dhsa_tile_path_name(dhsa_tile_path((int64_t)D)));
 }
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* sgemm_rate(n, num_threads, repeats) -> best GFLOP/s of C = A B (n x n),
- * rows of C split over the threads, single-threaded OpenBLAS in each. */
-static PyObject *py_sgemm_rate(PyObject *self, PyObject *args) {
-    int n = 0, threads = 1, repeats = 3;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "ii|i", &n, &threads, &repeats)) return NULL;
-    if (n < 16 || n > 16384 || threads < 1 || threads > 4096 || repeats < 1) {
-        PyErr_SetString(PyExc_ValueError, "sgemm_rate: need 16 <= n <= 16384, threads >= 1, repeats >= 1");
-        return NULL;
-    }
-    float *A = dhsa_alloc((size_t)n * n * sizeof(float));
-    float *Bm = dhsa_alloc((size_t)n * n * sizeof(float));
-    float *C = dhsa_alloc((size_t)n * n * sizeof(float));
-    if (!A || !Bm || !C) { free(A); free(Bm); free(C); return PyErr_NoMemory(); }
-    for (int64_t i = 0; i < (int64_t)n * n; i++) {
-        A[i] = (float)((i * 7) % 13) * 0.01f;
-        Bm[i] = (float)((i * 5) % 11) * 0.01f;
-    }
-    double best = 0.0;
-    Py_BEGIN_ALLOW_THREADS
-    for (int r = 0; r < repeats; r++) {
-        double t0 = now_seconds();
-#pragma omp parallel num_threads(threads)
-        {
-            int tid = 0, nt = 1;
-#ifdef _OPENMP
-            tid = omp_get_thread_num();
-            nt = omp_get_num_threads();
-#endif
-            int r0 = (int)((int64_t)n * tid / nt), r1 = (int)((int64_t)n * (tid + 1) / nt);
-            if (r1 > r0)
-                dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r1 - r0, n, n, 1.0f,
-                           A + (int64_t)r0 * n, n, Bm, n, 0.0f, C + (int64_t)r0 * n, n);
-        }
-        double dt = now_seconds() - t0;
-        double gf = 2.0 * n * (double)n * n / dt * 1e-9;
-        if (gf > best) best = gf;
-    }
-    Py_END_ALLOW_THREADS
-    free(A); free(Bm); free(C);
-    return PyFloat_FromDouble(best);
-}
-
 static PyMethodDef methods[] = {
     {"dense_attention", (PyCFunction)(void (*)(void))py_dense_attention,
      METH_VARARGS | METH_KEYWORDS, "Dense attention (see dhsa.dense_attention)."},
     {"sparse_attention", (PyCFunction)(void (*)(void))py_sparse_attention,
-     METH_VARARGS | METH_KEYWORDS, "Attention over a CSR selection of key ranges."},
+     METH_VARARGS | METH_KEYWORDS,
+     "Sparse attention: predicted from a config in the same call, or over a given selection."},
     {"predict", (PyCFunction)(void (*)(void))py_predict, METH_VARARGS | METH_KEYWORDS,
-     "DHSA sparsity prediction: chunk bounds and per-block key ranges."},
+     "DHSA sparsity prediction from a DHSAConfig: chunk bounds and per-block key ranges."},
     {"count_pairs", (PyCFunction)(void (*)(void))py_count_pairs, METH_VARARGS | METH_KEYWORDS,
      "Query-key pairs kept by a selection and allowed by the masks."},
+    {"check_inputs", (PyCFunction)(void (*)(void))py_check_inputs, METH_VARARGS | METH_KEYWORDS,
+     "The argument conversion and input scan of every call, without computing anything."},
     {"build_info", py_build_info, METH_NOARGS, "Build and run-time information."},
-    {"force_scalar", py_force_scalar, METH_O, "Route every kernel to its scalar twin."},
+    {"force_scalar", py_force_scalar, METH_O,
+     "Route the row kernels to their scalar twins and the tile products to OpenBLAS."},
     {"allow_avx512", py_allow_avx512, METH_O, "Allow the AVX-512 kernels where available."},
     {"tile_path", (PyCFunction)(void (*)(void))py_tile_path, METH_VARARGS | METH_KEYWORDS,
      "Set (optionally) and report the tile matrix-product path for a head_dim."},
-    {"sgemm_rate", py_sgemm_rate, METH_VARARGS, "Measured OpenBLAS sgemm GFLOP/s."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -882,5 +1044,6 @@ PyMODINIT_FUNC PyInit__core(void) {
     (void)dhsa_simd_available(); /* CPU features read once, before any thread */
     /* our threads call BLAS; BLAS itself must not spawn more */
     DHSA_BLAS(openblas_set_num_threads)(1);
+    if (config_names_init() < 0) return NULL;
     return PyModule_Create(&moduledef);
 }

@@ -8,24 +8,19 @@
  * long ones; sqrt(n) sits between. One O(L * D) pass gives every chunk.
  *
  * Must agree with dhsa/reference.py: prefix_sums (bit for bit: the same
- * sequential float64 additions).
+ * sequential float64 additions) and _repr / _norm.
  */
 #include <string.h>
 #include <math.h>
 #include "internal.h"
 
-/* prefix (L + 1, D) from x: nheads heads of (L, D), head_stride floats apart. */
-int dhsa_repr_prefix_sums(double *prefix, const float *x, int64_t L, int64_t D,
-                          int64_t nheads, int64_t head_stride) {
-    if (!prefix || !x || L <= 0 || D <= 0 || nheads <= 0) return DHSA_EINVAL;
-    dhsa_repr_prefix_sums_every_cols(prefix, x, L, D, nheads, head_stride, 1, 0, D);
-    return DHSA_OK;
-}
-
-/* Columns [d0, d1) of the running sums, stored every `step` rows.
+/* out (ceil(L / step) + 1, D), columns [d0, d1) only: the rows t = 0, step,
+ * 2 step, ..., L of the running sums P (P[0] = 0, P[t + 1] = P[t] + the mean
+ * over heads [0, nheads) of x at t; x holds nheads heads of (L, D),
+ * head_stride floats apart). step 1 gives every row, (L + 1, D).
  * Every column is its own sequential sum, so column ranges can be filled by
- * different threads and the result stays bit-identical to one pass; step 1
- * gives every row. */
+ * different threads and the result is bit-identical to one pass (and to
+ * reference.prefix_sums). No checks: the caller sizes the buffers. */
 void dhsa_repr_prefix_sums_every_cols(double *out, const float *x, int64_t L, int64_t D,
                                       int64_t nheads, int64_t head_stride, int64_t step,
                                       int64_t d0, int64_t d1) {
@@ -46,16 +41,6 @@ void dhsa_repr_prefix_sums_every_cols(double *out, const float *x, int64_t L, in
             }
         }
     }
-}
-
-/* out (ceil(L / step) + 1, D): the rows t = 0, step, 2 step, ..., L of the
- * running sums of dhsa_repr_prefix_sums, computed the same way (so bit-identical) but stored
- * only where a block starts: O(L / step * D) memory. */
-int dhsa_repr_prefix_sums_every(double *out, const float *x, int64_t L, int64_t D,
-                                int64_t nheads, int64_t head_stride, int64_t step) {
-    if (!out || !x || L <= 0 || D <= 0 || nheads <= 0 || step <= 0) return DHSA_EINVAL;
-    dhsa_repr_prefix_sums_every_cols(out, x, L, D, nheads, head_stride, step, 0, D);
-    return DHSA_OK;
 }
 
 /* n ** power, with sqrt for the DHSA default so the reference matches bit for bit */

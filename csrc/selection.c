@@ -20,6 +20,7 @@
 #include <omp.h>
 #endif
 #include "internal.h"
+#include "rules.h"
 
 #define QB_TILE 16 /* query blocks per chunk-score dgemm */
 
@@ -37,56 +38,26 @@ typedef struct {
     double logm;   /* adaptive: log of the estimated attention mass */
 } piece;
 
-int64_t dhsa_predict_chunk_groups(const dhsa_attn_shape *s, const dhsa_predict_params *p) {
-    return p->granularity == DHSA_GRAN_LAYER ? 1 : s->Hkv;
-}
-
-int64_t dhsa_predict_select_groups(const dhsa_attn_shape *s, const dhsa_predict_params *p) {
-    if (p->granularity == DHSA_GRAN_LAYER) return 1;
-    return p->granularity == DHSA_GRAN_KV_HEAD ? s->Hkv : s->H;
-}
-
-/* chunking group of a selection group */
-static int64_t chunk_group_of(const dhsa_attn_shape *s, const dhsa_predict_params *p, int64_t sg) {
-    if (p->granularity == DHSA_GRAN_LAYER) return 0;
-    return p->granularity == DHSA_GRAN_KV_HEAD ? sg : sg / (s->H / s->Hkv);
-}
-
 static int params_check(const dhsa_attn_shape *s, const dhsa_predict_params *p) {
     int st = dhsa_attn_shape_check(s);
     if (st != DHSA_OK) return st;
     if (!p || p->granularity < 0 || p->granularity > 2 || p->block_size < 1) return DHSA_EINVAL;
-    if (p->sink < 0 || p->local < 0 || p->mode < 0 || p->mode > 2) return DHSA_EINVAL;
-    if (p->mode == DHSA_BUDGET_TOKENS && p->budget < 1) return DHSA_EINVAL;
-    if (p->mode == DHSA_BUDGET_DENSITY && !(p->density > 0.0 && p->density <= 1.0)) return DHSA_EINVAL;
-    if (p->mode == DHSA_BUDGET_ADAPTIVE &&
+    if (p->sink < 0 || p->local < 0 || p->budget_mode < 0 || p->budget_mode > 2) return DHSA_EINVAL;
+    if (p->budget_mode == DHSA_BUDGET_TOKENS && p->budget < 1) return DHSA_EINVAL;
+    if (p->budget_mode == DHSA_BUDGET_DENSITY && !(p->density > 0.0 && p->density <= 1.0))
+        return DHSA_EINVAL;
+    if (p->budget_mode == DHSA_BUDGET_ADAPTIVE &&
         (!(p->mass > 0.0 && p->mass <= 1.0) || p->min_budget < 1 || p->max_budget < p->min_budget))
         return DHSA_EINVAL;
     if (p->boundary_window < 1) return DHSA_EINVAL;
-    if (!(p->key_norm >= 0.0 && p->key_norm <= 1.0)) return DHSA_EINVAL;
+    if (p->normalization < 0 || p->normalization > 2 || p->method < 0 || p->method > 1)
+        return DHSA_EINVAL;
     return DHSA_OK;
 }
 
-/* Geometry of query block qb: queries [i0, i0 + nq) at positions
- * [spos, epos]; keys the block may see [lo, hi). */
-typedef struct { int64_t i0, nq, spos, epos, lo, hi; } block_geom;
-
-static block_geom geometry(const dhsa_attn_shape *s, int64_t bs, int64_t qb) {
-    block_geom g;
-    g.i0 = qb * bs;
-    g.nq = DHSA_MIN(bs, s->Lq - g.i0);
-    g.spos = s->Lk - s->Lq + g.i0;
-    g.epos = g.spos + g.nq - 1;
-    g.lo = s->window > 0 ? DHSA_MAX(0, g.spos - s->window + 1) : 0;
-    if (s->causal) g.hi = g.epos + 1;
-    else g.hi = s->window > 0 ? DHSA_MIN(s->Lk, g.epos + s->window) : s->Lk;
-    return g;
-}
-
-/* keys [lo, hi) visible to the query at position p */
-static void row_visible(const dhsa_attn_shape *s, int64_t p, int64_t *lo, int64_t *hi) {
-    *lo = s->window > 0 ? DHSA_MAX(0, p - s->window + 1) : 0;
-    *hi = s->causal ? p + 1 : (s->window > 0 ? DHSA_MIN(s->Lk, p + s->window) : s->Lk);
+/* exponent of the key chunk length in r_k = sum / n ** key_norm */
+static double key_norm_of(const dhsa_predict_params *p) {
+    return p->normalization == DHSA_NORM_SQRT ? 0.5 : (p->normalization == DHSA_NORM_MEAN ? 1.0 : 0.0);
 }
 
 /* index of the chunk holding key x: bounds[c] <= x < bounds[c + 1] */
@@ -105,20 +76,21 @@ int dhsa_predict_boundaries(int64_t *bounds, int64_t *num_bounds, const float *k
     int st = params_check(s, p);
     if (st != DHSA_OK) return st;
     if (!bounds || !num_bounds || !k || num_threads < 1) return DHSA_EINVAL;
-    const int64_t CG = dhsa_predict_chunk_groups(s, p), n = s->B * CG;
-    const int64_t heads = p->granularity == DHSA_GRAN_LAYER ? s->Hkv : 1;
+    const int64_t CG = dhsa_rule_chunk_groups(s, p->granularity), n = s->B * CG;
     int status = DHSA_OK;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(dhsa_threads_for(num_threads, n))
     for (int64_t g = 0; g < n; g++) {
         const int64_t b = g / CG, cg = g % CG;
-        const float *kg = k + (b * s->Hkv + cg * heads) * s->Lk * s->D;
+        int64_t kh0, heads;
+        dhsa_rule_chunk_heads(s, p->granularity, cg, &kh0, &heads);
+        const float *kg = k + (b * s->Hkv + kh0) * s->Lk * s->D;
         double *score = dhsa_alloc((size_t)s->Lk * sizeof(double));
         int r = score ? dhsa_chunking_boundary_scores(score, kg, s->Lk, s->D, heads,
                                                       s->Lk * s->D, p->boundary_window)
                       : DHSA_ENOMEM;
         if (r == DHSA_OK)
             r = dhsa_chunking_find_boundaries(bounds + g * (s->Lk + 1), num_bounds + g,
-                                              score, s->Lk, &p->chunking);
+                                              score, s->Lk, p);
         free(score);
         if (r != DHSA_OK) {
 #pragma omp atomic write
@@ -128,34 +100,22 @@ int dhsa_predict_boundaries(int64_t *bounds, int64_t *num_bounds, const float *k
     return status;
 }
 
-int dhsa_predict_check_bounds(const int64_t *bounds, const int64_t *num_bounds,
-                              const dhsa_attn_shape *s, const dhsa_predict_params *p) {
-    const int64_t n = s->B * dhsa_predict_chunk_groups(s, p);
-    for (int64_t g = 0; g < n; g++) {
-        const int64_t nb = num_bounds[g];
-        const int64_t *row = bounds + g * (s->Lk + 1);
-        if (nb < 2 || nb > s->Lk + 1 || row[0] != 0 || row[nb - 1] != s->Lk) return DHSA_EINVAL;
-        for (int64_t i = 1; i < nb; i++)
-            if (row[i] <= row[i - 1]) return DHSA_EINVAL;
-    }
-    return DHSA_OK;
-}
-
 int dhsa_predict_capacity(int64_t *capacity, const dhsa_attn_shape *s,
                           const dhsa_predict_params *p, const int64_t *bounds,
                           const int64_t *num_bounds) {
     int st = params_check(s, p);
     if (st != DHSA_OK) return st;
-    const int64_t SG = dhsa_predict_select_groups(s, p), CG = dhsa_predict_chunk_groups(s, p);
-    const int64_t NQB = (s->Lq + p->block_size - 1) / p->block_size;
+    const int64_t SG = dhsa_rule_select_groups(s, p->granularity);
+    const int64_t CG = dhsa_rule_chunk_groups(s, p->granularity);
+    const int64_t NQB = dhsa_rule_num_blocks(s->Lq, p->block_size);
     int64_t total = 0;
     capacity[0] = 0;
     for (int64_t b = 0; b < s->B; b++)
         for (int64_t sg = 0; sg < SG; sg++) {
-            const int64_t cgi = b * CG + chunk_group_of(s, p, sg);
+            const int64_t cgi = b * CG + dhsa_rule_chunk_group_of(s, p->granularity, sg);
             const int64_t *bd = bounds + cgi * (s->Lk + 1), nb = num_bounds[cgi];
             for (int64_t qb = 0; qb < NQB; qb++) {
-                block_geom g = geometry(s, p->block_size, qb);
+                const dhsa_block_geom g = dhsa_rule_block(s, p->block_size, qb);
                 int64_t c = chunk_of(bd, nb, g.hi - 1) - chunk_of(bd, nb, g.lo) + 1;
                 int64_t cap = 4 + DHSA_MIN(c, g.hi - g.lo);
                 if (total > INT64_MAX - cap) return DHSA_EOVERFLOW;
@@ -255,26 +215,18 @@ static double piece_score(const double *rq, const double *kprefix, int64_t D, in
 /* Selection of one block. rq: (D) block representation; srow: full-chunk
  * scores (chunks 0 .. reach-1); pieces/sel: scratch of nb + 4. Writes the
  * merged ranges to starts/ends and returns their number. */
-static int64_t select_block(int32_t *starts, int32_t *ends, const block_geom *g,
+static int64_t select_block(int32_t *starts, int32_t *ends, const dhsa_block_geom *g,
                             const double *rq, const double *srow, const double *kprefix,
                             const int64_t *bd, int64_t nb, const dhsa_attn_shape *s,
-                            const dhsa_predict_params *p, piece *pieces, piece *sel,
-                            piece *kept, double *tmp) {
-    const int64_t D = s->D, allowed = g->hi - g->lo;
-    const int64_t sink_end = DHSA_MIN(g->lo + p->sink, g->hi);
-    const int64_t loc_a = DHSA_MAX(sink_end, g->spos - p->local);
-    const int64_t loc_b = DHSA_MAX(loc_a, DHSA_MIN(g->hi, g->epos + 1));
-    const int64_t forced = (sink_end - g->lo) + (loc_b - loc_a);
-    int64_t lo_clamp, hi_clamp;
-    if (p->mode == DHSA_BUDGET_ADAPTIVE) {
-        lo_clamp = DHSA_MAX(p->min_budget, forced);
-        hi_clamp = DHSA_MAX(p->max_budget, forced);
-    } else {
-        int64_t bud = p->mode == DHSA_BUDGET_TOKENS ? p->budget
-                                                    : (int64_t)ceil(p->density * (double)allowed);
-        lo_clamp = hi_clamp = DHSA_MAX(bud, forced);
-    }
-    if (allowed <= lo_clamp) { /* not enough keys to be sparse: dense block */
+                            const dhsa_predict_params *p, double key_norm, piece *pieces,
+                            piece *sel, piece *kept, double *tmp) {
+    const int64_t D = s->D;
+    /* the always-kept sink and local keys and the budget clamp (rules.h) */
+    const dhsa_block_keep keep = dhsa_rule_keep(g, p->sink, p->local, p->budget_mode, p->budget,
+                                                p->density, p->min_budget, p->max_budget);
+    const int64_t sink_end = keep.sink_end, loc_a = keep.loc_a, loc_b = keep.loc_b;
+    const int64_t forced = keep.forced, lo_clamp = keep.lo_clamp, hi_clamp = keep.hi_clamp;
+    if (keep.dense) { /* not enough keys to be sparse: dense block */
         starts[0] = (int32_t)g->lo;
         ends[0] = (int32_t)g->hi;
         return 1;
@@ -283,7 +235,7 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const block_geom *g,
     /* candidate pieces: chunks clipped to [sink_end, loc_a) and [loc_b, hi);
      * a fixed budget streams them through the cover heap, the adaptive one
      * needs them all (their total mass) */
-    const int adaptive = p->mode == DHSA_BUDGET_ADAPTIVE;
+    const int adaptive = p->budget_mode == DHSA_BUDGET_ADAPTIVE;
     cover_heap cov = {kept, 0, 0, hi_clamp - forced};
     int64_t np = 0;
     const int64_t cand[2][2] = {{sink_end, loc_a}, {loc_b, g->hi}};
@@ -297,7 +249,7 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const block_geom *g,
             const int whole = pc.a == bd[c] && pc.b == bd[c + 1];
             /* strictly worse than the worst kept: out, without building it */
             if (!adaptive && whole && cov.tok >= cov.need && srow[c] < cov.h[0].score) continue;
-            pc.score = whole ? srow[c] : piece_score(rq, kprefix, D, pc.a, pc.b, p->key_norm, tmp);
+            pc.score = whole ? srow[c] : piece_score(rq, kprefix, D, pc.a, pc.b, key_norm, tmp);
             pc.logm = 0.0;
             if (adaptive) pieces[np++] = pc;
             else cover_offer(&cov, &pc);
@@ -334,14 +286,14 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const block_geom *g,
         for (int f = 0; f < 2; f++) {
             if (fb[f] <= fa[f]) continue;
             const double n = (double)(fb[f] - fa[f]);
-            const double sc = piece_score(rq, kprefix, D, fa[f], fb[f], p->key_norm, tmp);
-            forced_lm[f] = log(n) + scale * sc / (sqrt(nq) * dhsa_repr_norm(fb[f] - fa[f], 1.0 - p->key_norm));
+            const double sc = piece_score(rq, kprefix, D, fa[f], fb[f], key_norm, tmp);
+            forced_lm[f] = log(n) + scale * sc / (sqrt(nq) * dhsa_repr_norm(fb[f] - fa[f], 1.0 - key_norm));
             mmax = DHSA_MAX(mmax, forced_lm[f]);
         }
         for (int64_t i = 0; i < np; i++) {
             const double n = (double)(pieces[i].b - pieces[i].a);
             pieces[i].logm = log(n) + scale * pieces[i].score /
-                             (sqrt(nq) * dhsa_repr_norm(pieces[i].b - pieces[i].a, 1.0 - p->key_norm));
+                             (sqrt(nq) * dhsa_repr_norm(pieces[i].b - pieces[i].a, 1.0 - key_norm));
             mmax = DHSA_MAX(mmax, pieces[i].logm);
         }
         double total = 0.0, acc = 0.0;
@@ -389,12 +341,14 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
     if (st != DHSA_OK) return st;
     if (!starts || !ends || !counts || !capacity || !q || !k || !bounds || !num_bounds ||
         num_threads < 1) return DHSA_EINVAL;
-    const int64_t D = s->D, G = s->H / s->Hkv, bs = p->block_size;
-    const int64_t SG = dhsa_predict_select_groups(s, p), CG = dhsa_predict_chunk_groups(s, p);
-    const int64_t NQB = (s->Lq + bs - 1) / bs, ntiles = (NQB + QB_TILE - 1) / QB_TILE;
+    const int64_t D = s->D, bs = p->block_size;
+    const int64_t SG = dhsa_rule_select_groups(s, p->granularity);
+    const int64_t CG = dhsa_rule_chunk_groups(s, p->granularity);
+    const int64_t NQB = dhsa_rule_num_blocks(s->Lq, bs), ntiles = (NQB + QB_TILE - 1) / QB_TILE;
     int64_t ncmax = 1;
     for (int64_t i = 0; i < s->B * CG; i++) ncmax = DHSA_MAX(ncmax, num_bounds[i] - 1);
     if (chunk_scores && score_stride < ncmax) return DHSA_EINVAL;
+    const double key_norm = key_norm_of(p);
 
     /* queries: running sums kept only at block starts, (NQB + 1, D) */
     double *qprefix = dhsa_alloc((size_t)((NQB + 1) * D) * sizeof(double));
@@ -419,18 +373,16 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
         int64_t last_cg = -1;
         for (int64_t grp = 0; grp < s->B * SG; grp++) {
             const int64_t b = grp / SG, sg = grp % SG;
-            const int64_t cgi = b * CG + chunk_group_of(s, p, sg);
+            const int64_t cgi = b * CG + dhsa_rule_chunk_group_of(s, p->granularity, sg);
             const int64_t *bd = bounds + cgi * (s->Lk + 1), nb = num_bounds[cgi];
             /* running sums of the group's queries (block starts only) and of
              * its chunking group's keys: split by columns over the threads
              * (each column is one sequential sum, so the result does not
              * depend on the split), then the chunk representations */
-            int64_t qh0 = 0, nqh = s->H;
-            if (p->granularity == DHSA_GRAN_KV_HEAD) { qh0 = sg * G; nqh = G; }
-            if (p->granularity == DHSA_GRAN_QUERY_HEAD) { qh0 = sg; nqh = 1; }
+            int64_t qh0, nqh, kh0, nkh;
+            dhsa_rule_select_heads(s, p->granularity, sg, &qh0, &nqh);
+            dhsa_rule_chunk_heads(s, p->granularity, cgi % CG, &kh0, &nkh);
             const int new_k = cgi != last_cg;
-            const int64_t kh0 = p->granularity == DHSA_GRAN_LAYER ? 0 : cgi % CG;
-            const int64_t nkh = p->granularity == DHSA_GRAN_LAYER ? s->Hkv : 1;
             /* one column block per thread, whole cache lines of floats, so
              * every line of q and k is read by one thread only */
             int64_t width = (D + omp_threads() - 1) / omp_threads();
@@ -449,7 +401,7 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
             if (new_k) {
 #pragma omp for schedule(static)
                 for (int64_t c = 0; c < nb - 1; c++)
-                    dhsa_repr_range(rk + c * D, kprefix, D, bd[c], bd[c + 1], p->key_norm);
+                    dhsa_repr_range(rk + c * D, kprefix, D, bd[c], bd[c + 1], key_norm);
             }
             last_cg = cgi;
 #pragma omp for schedule(dynamic, 1)
@@ -458,7 +410,7 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
                 const int64_t qb0 = tile * QB_TILE, nqb = DHSA_MIN(QB_TILE, NQB - qb0);
                 int64_t reach = 0;
                 for (int64_t i = 0; i < nqb; i++) {
-                    block_geom g = geometry(s, bs, qb0 + i);
+                    const dhsa_block_geom g = dhsa_rule_block(s, bs, qb0 + i);
                     /* block sum / sqrt(nq), as dhsa_repr_range on the full running sums */
                     const double *p0 = qprefix + (qb0 + i) * D, *p1 = p0 + D;
                     for (int64_t d = 0; d < D; d++)
@@ -469,10 +421,10 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
                            1.0, rq, (int)D, rk, (int)D, 0.0, sc, (int)reach);
                 for (int64_t i = 0; i < nqb; i++) {
                     const int64_t qb = qb0 + i, idx = grp * NQB + qb;
-                    block_geom g = geometry(s, bs, qb);
+                    const dhsa_block_geom g = dhsa_rule_block(s, bs, qb);
                     counts[idx] = select_block(starts + capacity[idx], ends + capacity[idx], &g,
                                                rq + i * D, sc + i * reach, kprefix, bd, nb, s, p,
-                                               pieces, sel, kept, tmp);
+                                               key_norm, pieces, sel, kept, tmp);
                     if (chunk_scores) {
                         double *dst = chunk_scores + idx * score_stride;
                         const int64_t r = chunk_of(bd, nb, g.hi - 1) + 1;
@@ -494,8 +446,14 @@ int dhsa_selection_count_pairs(int64_t *pairs_selected, int64_t *pairs_allowed,
     int st = dhsa_attn_shape_check(s);
     if (st != DHSA_OK) return st;
     if (!pairs_selected || !pairs_allowed || num_threads < 1) return DHSA_EINVAL;
-    st = dhsa_selection_check(sel, s);
-    if (st != DHSA_OK) return st;
+    if (dhsa_selection_check(sel, s) != DHSA_OK) return DHSA_ESELECTION;
+    dhsa_selection_count_pairs_checked(pairs_selected, pairs_allowed, sel, s, num_threads);
+    return DHSA_OK;
+}
+
+void dhsa_selection_count_pairs_checked(int64_t *pairs_selected, int64_t *pairs_allowed,
+                                        const dhsa_selection *sel, const dhsa_attn_shape *s,
+                                        int num_threads) {
     const int64_t NQB = sel->num_blocks, bs = sel->block_size;
 #pragma omp parallel for schedule(dynamic, 1) \
     num_threads(dhsa_threads_for(num_threads, s->B * sel->num_groups))
@@ -503,25 +461,18 @@ int dhsa_selection_count_pairs(int64_t *pairs_selected, int64_t *pairs_allowed,
         int64_t kept = 0, allowed = 0;
         for (int64_t qb = 0; qb < NQB; qb++) {
             const int64_t idx = grp * NQB + qb;
-            block_geom g = geometry(s, bs, qb);
-            /* keys every row of the block sees: [lo of the last row, hi of the first) */
-            int64_t lo_all, hi_all, tmp;
-            row_visible(s, g.epos, &lo_all, &tmp);
-            row_visible(s, g.spos, &tmp, &hi_all);
-            for (int64_t pos = g.spos; pos <= g.epos; pos++) {
-                int64_t lo, hi;
-                row_visible(s, pos, &lo, &hi);
-                allowed += hi - lo;
-            }
+            const dhsa_block_geom g = dhsa_rule_block(s, bs, qb);
+            allowed += dhsa_rule_allowed_pairs(s, &g);
             for (int64_t r = sel->offsets[idx]; r < sel->offsets[idx + 1]; r++) {
                 const int64_t ra = sel->starts[r], rb = sel->ends[r];
-                if (ra >= lo_all && rb <= hi_all) { /* the common case: no row masks it */
+                /* the common case: every row of the block sees the whole range */
+                if (ra >= g.all_lo && rb <= g.all_hi) {
                     kept += (rb - ra) * g.nq;
                     continue;
                 }
                 for (int64_t pos = g.spos; pos <= g.epos; pos++) {
                     int64_t lo, hi;
-                    row_visible(s, pos, &lo, &hi);
+                    dhsa_rule_visible(s, pos, &lo, &hi);
                     const int64_t a = DHSA_MAX(lo, ra), b = DHSA_MIN(hi, rb);
                     if (b > a) kept += b - a;
                 }
@@ -530,5 +481,4 @@ int dhsa_selection_count_pairs(int64_t *pairs_selected, int64_t *pairs_allowed,
         pairs_selected[grp] = kept;
         pairs_allowed[grp] = allowed;
     }
-    return DHSA_OK;
 }

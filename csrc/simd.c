@@ -1,15 +1,23 @@
 /*
  * simd.c - row kernels of the online softmax, AVX2/FMA and scalar twins.
  *
- * The attention kernels spend their non-BLAS time here: the running row
- * maximum, exp(x - m) with its sum, tanh soft-capping and row rescaling.
- * Each vectorised kernel has a plain scalar twin; dhsa_simd_force_scalar(1)
- * routes every call to the twins so both paths can be compared in one build
- * (tests/test_simd.py). Reference: numpy's exp / tanh in dhsa/reference.py.
+ * The attention kernels spend their time outside the two tile products
+ * (tiles.c) here: the running row maximum, exp(x - m) with its sum, tanh
+ * soft-capping and row rescaling, and the float16 -> float32 widening of
+ * K / V. Each vectorised kernel has a plain scalar twin (dhsa_row_*_scalar,
+ * dhsa_half_to_float_scalar); dhsa_simd_force_scalar(1) routes every call of
+ * this file to the twins so both paths can be compared in one build
+ * (tests/test_simd.py; the tile products then go to OpenBLAS, see tiles.c).
  *
- * Vector paths: AVX2/FMA (8 lanes, the baseline) and AVX-512F (16 lanes,
- * picked at run time when the CPU has it; dhsa_simd_allow_avx512(0) pins
- * AVX2 so both vector paths can be tested on one machine).
+ * Must agree with dhsa/reference.py: the softmax and soft-cap of _attend
+ * (numpy exp / tanh in float64), to float32 rounding.
+ *
+ * Vector paths: AVX2/FMA (8 lanes, the baseline; F16C for the widening) and
+ * AVX-512F (16 lanes, for max, exp-sum and scale; picked at run time when
+ * the CPU has it; dhsa_simd_allow_avx512(0) pins AVX2 so both vector paths
+ * can be tested on one machine). Tails shorter than a vector go through the
+ * same polynomial as the full vectors, so a value never depends on where
+ * its row ends.
  *
  * The vector exp uses the usual range reduction x = n ln2 + r, |r| <= ln2/2,
  * a degree-6 polynomial for e^r and 2^n built in the exponent bits; inputs
@@ -206,7 +214,14 @@ AVX2 static void row_softcap_avx2(float *x, int64_t n, float cap) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(x + i, _mm256_mul_ps(c, tanh256(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv))));
-    for (; i < n; i++) x[i] = cap * tanhf(x[i] / cap);
+    if (i < n) { /* the tail through the same polynomial: a logit's value must
+                  * not depend on where its row (tile) ends */
+        float buf[8] = {0};
+        const int64_t rest = n - i;
+        memcpy(buf, x + i, (size_t)rest * sizeof(float));
+        _mm256_storeu_ps(buf, _mm256_mul_ps(c, tanh256(_mm256_mul_ps(_mm256_loadu_ps(buf), inv))));
+        memcpy(x + i, buf, (size_t)rest * sizeof(float));
+    }
 }
 
 AVX2 static void row_scale_avx2(float *x, int64_t n, float a) {

@@ -16,6 +16,10 @@ const char *dhsa_status_string(int status) {
     case DHSA_ENONFINITE: return "input contains NaN or Inf";
     case DHSA_EOVERFLOW: return "size overflows the index type";
     case DHSA_ERANGE: return "values so large that attention logits could overflow float32";
+    case DHSA_ESELECTION:
+        return "malformed selection: offsets must rise from 0, and within each block the "
+               "ranges must be sorted and non-overlapping, each with 0 <= start < end <= Lk";
+    case DHSA_EBOUNDS: return "chunk boundaries must start at 0, increase strictly and end at Lk";
     default: return "unknown status";
     }
 }
@@ -97,15 +101,3 @@ int dhsa_max_abs_f16_threads(const uint16_t *x, int64_t n, float *max_abs, int n
     if (max_abs) dhsa_half_to_float_scalar(max_abs, &top, 1);
     return DHSA_OK;
 }
-
-int dhsa_max_abs(const float *x, int64_t n, float *max_abs) {
-    return dhsa_max_abs_threads(x, n, max_abs, 1);
-}
-
-int dhsa_max_abs_f16(const uint16_t *x, int64_t n, float *max_abs) {
-    return dhsa_max_abs_f16_threads(x, n, max_abs, 1);
-}
-
-int dhsa_check_finite(const float *x, int64_t n) { return dhsa_max_abs(x, n, NULL); }
-
-int dhsa_check_finite_f16(const uint16_t *x, int64_t n) { return dhsa_max_abs_f16(x, n, NULL); }

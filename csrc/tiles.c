@@ -14,8 +14,13 @@
  * consecutive keys are consecutive floats.
  *
  * Paths: AVX-512F (8 rows x 32 keys / columns), AVX2/FMA (4 rows x 16), the
- * plain scalar twins (for comparison, tests/test_simd.py), and OpenBLAS
- * sgemm (D not a multiple of 8, or forced). dhsa_tile_path() picks one.
+ * plain scalar twins dhsa_tile_qk_scalar / dhsa_tile_pv_scalar (for
+ * comparison, tests/test_tiles.py), and OpenBLAS sgemm (D not a multiple of
+ * 8, the vector paths off under dhsa_simd_force_scalar(1), or forced; the
+ * caller, attention.c, makes those sgemm calls). dhsa_tile_path() picks one.
+ *
+ * Must agree with dhsa/reference.py: the two products of _attend (q k^T and
+ * p v), to float32 rounding; the paths differ only in summation order.
  *
  * Shape contract of the vector kernels (the caller pads):
  *   R is a multiple of DHSA_TILE_ROWS (padding rows of Q hold zeros),

@@ -12,18 +12,11 @@ from typing import Dict, Iterable, Optional, Tuple
 import numpy as np
 
 from .api import Selection, dense_attention, sparse_attention
-from .reference import visible_rows
+from .rules import (group_of_head, kv_head_of, masked_softmax, softcap_logits, visible_mask,
+                    visible_rows)
 
 __all__ = ["attention_recall", "output_error", "capture_qkv", "dense_probabilities",
            "recall_from_probabilities"]
-
-
-def _group_of_head(sel: Selection, H: int, h: int) -> int:
-    if sel.groups == 1:
-        return 0
-    if sel.groups == H:
-        return h
-    return h // (H // sel.groups)
 
 
 def attention_recall(q: np.ndarray, k: np.ndarray, selection: Selection, *,
@@ -39,7 +32,6 @@ def attention_recall(q: np.ndarray, k: np.ndarray, selection: Selection, *,
     k = np.asarray(k, dtype=np.float64)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    G = H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     bs = selection.block_size
     out = np.zeros((B, H))
@@ -48,15 +40,10 @@ def attention_recall(q: np.ndarray, k: np.ndarray, selection: Selection, *,
         vis = visible_rows(Lq, Lk, r0, r1, causal, window)
         for b in range(B):
             for h in range(H):
-                logits = q[b, h, r0:r1] @ k[b, h // G].T * scale
-                if softcap is not None:
-                    logits = softcap * np.tanh(logits / softcap)
-                logits = np.where(vis, logits, -np.inf)
-                logits -= logits.max(axis=1, keepdims=True)
-                p = np.exp(logits)
-                p /= p.sum(axis=1, keepdims=True)
+                logits = q[b, h, r0:r1] @ k[b, kv_head_of(h, H, Hkv)].T * scale
+                p = masked_softmax(softcap_logits(logits, softcap), vis)
                 keep = np.zeros(Lk, dtype=bool)
-                for a, e in selection.ranges(b, _group_of_head(selection, H, h), qb):
+                for a, e in selection.ranges(b, group_of_head(selection.groups, H, h), qb):
                     keep[a:e] = True
                 out[b, h] += p[:, keep].sum()
     return out / Lq
@@ -69,18 +56,13 @@ def dense_probabilities(q: np.ndarray, k: np.ndarray, *, scale: Optional[float] 
     O(H L^2) memory: for scoring many selections of the same layer against
     one dense pass (e.g. 9 heads x 4K^2 = 600 MB)."""
     _, H, L, D = q.shape
-    G = H // k.shape[1]
+    Hkv = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    tri = np.tril(np.ones((L, L), dtype=bool))
+    tri = visible_mask(L, L)
     P = np.empty((H, L, L), dtype=np.float32)
     for h in range(H):
-        s = (q[0, h].astype(np.float64) @ k[0, h // G].T.astype(np.float64)) * scale
-        if softcap is not None:
-            s = softcap * np.tanh(s / softcap)
-        s = np.where(tri, s, -np.inf)
-        s -= s.max(axis=1, keepdims=True)
-        p = np.exp(s)
-        P[h] = p / p.sum(axis=1, keepdims=True)
+        s = (q[0, h].astype(np.float64) @ k[0, kv_head_of(h, H, Hkv)].T.astype(np.float64)) * scale
+        P[h] = masked_softmax(softcap_logits(s, softcap), tri)
     return P
 
 
@@ -91,7 +73,7 @@ def recall_from_probabilities(P: np.ndarray, selection: Selection) -> np.ndarray
     out = np.zeros(H)
     for h in range(H):
         C = np.concatenate([np.zeros((L, 1)), np.cumsum(P[h], axis=1, dtype=np.float64)], axis=1)
-        g = _group_of_head(selection, H, h)
+        g = group_of_head(selection.groups, H, h)
         for qb in range(selection.num_blocks):
             r0 = qb * selection.block_size
             r1 = min(L, r0 + selection.block_size)

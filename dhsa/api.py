@@ -1,9 +1,10 @@
 """The public NumPy API: dense and sparse attention, the DHSA prediction."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -20,8 +21,7 @@ __all__ = [
     "force_scalar",
 ]
 
-_GRAN_CODE = {"layer": 0, "kv_head": 1, "query_head": 2}
-_MODE_CODE = {"tokens": 0, "density": 1, "adaptive": 2}
+_BASELINES = ("streaming", "vertical_slash", "oracle")  # NumPy selections (baselines.py)
 
 Boundaries = Union[None, np.ndarray, Sequence[np.ndarray]]
 
@@ -96,7 +96,7 @@ class Selection:
 
     def to_mask(self, Lq: int, Lk: int) -> np.ndarray:
         """(batch, groups, Lq, Lk) bool mask of the selected keys (small inputs only)."""
-        from .reference import selection_mask
+        from .rules import selection_mask
         return selection_mask(self.offsets, self.starts, self.ends, self.batch, self.groups,
                               Lq, Lk, self.block_size)
 
@@ -126,38 +126,16 @@ def _check_config(config) -> DHSAConfig:
     return config
 
 
-def _shape_of(name: str, x) -> Tuple[int, ...]:
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
-    if x.ndim != 4:
-        raise ValueError(f"{name} must have 4 dimensions (batch, heads, length, head_dim), "
-                         f"got {x.ndim}")
-    return x.shape
-
-
-def _bounds_arrays(boundaries: Boundaries, n_groups: int, Lk: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Caller boundaries -> padded (n_groups, Lk + 1) array and counts."""
-    if isinstance(boundaries, np.ndarray) and boundaries.ndim == 1:
-        rows = [boundaries] * n_groups
-    else:
-        try:
-            rows = list(boundaries)  # type: ignore[arg-type]
-        except TypeError:
-            raise TypeError("boundaries must be a 1-D integer array or a sequence of them") from None
-        if len(rows) != n_groups:
-            raise ValueError(f"boundaries must give {n_groups} arrays (batch x chunk groups), "
-                             f"got {len(rows)}")
-    out = np.zeros((n_groups, Lk + 1), dtype=np.int64)
-    counts = np.zeros(n_groups, dtype=np.int64)
-    for i, r in enumerate(rows):
-        r = np.asarray(r)
-        if r.ndim != 1 or not np.issubdtype(r.dtype, np.integer):
-            raise TypeError("boundaries must hold 1-D integer arrays")
-        if len(r) < 2 or len(r) > Lk + 1 or r[0] != 0 or r[-1] != Lk or np.any(np.diff(r) <= 0):
-            raise ValueError(f"boundaries[{i}] must rise strictly from 0 to Lk={Lk}")
-        out[i, :len(r)] = r
-        counts[i] = len(r)
-    return out, counts
+def _selection(res: dict, config: DHSAConfig, batch: int, Lq: int) -> Selection:
+    """A Selection from the dict of ``_core.predict`` / ``_core.sparse_attention``."""
+    nb = res["num_bounds"]
+    return Selection(
+        offsets=res["offsets"], starts=res["starts"], ends=res["ends"],
+        block_size=config.block_size, batch=batch, groups=res["select_groups"],
+        num_blocks=-(-Lq // config.block_size), granularity=config.granularity,
+        boundaries=[res["bounds"][i, :nb[i]].copy() for i in range(len(nb))],
+        chunk_groups=res["chunk_groups"], chunk_scores=res["chunk_scores"],
+        pairs_selected=res["pairs_selected"], pairs_allowed=res["pairs_allowed"])
 
 
 def predict_selection(q: np.ndarray, k: np.ndarray, config: Optional[DHSAConfig] = None, *,
@@ -180,56 +158,23 @@ def predict_selection(q: np.ndarray, k: np.ndarray, config: Optional[DHSAConfig]
     always kept) - meant for inspection of short inputs.
     """
     config = _check_config(config)
-    qs, ks = _shape_of("q", q), _shape_of("k", k)
-    B, H, Lq, _ = qs
-    Hkv, Lk = ks[1], ks[2]
-    if config.method in ("streaming", "vertical_slash", "oracle"):
+    if config.method in _BASELINES:
         return _baseline_selection(q, k, config, causal=causal, scale=scale, softcap=softcap,
                                    window=window, num_threads=num_threads)
-    n_cg = B * (1 if config.granularity == "layer" else max(1, Hkv))
-    key_norm = config.key_norm
-    if config.method == "block_topk":
-        key_norm = 1.0  # mean-pooled blocks
-        if boundaries is None:
-            boundaries = np.append(np.arange(0, Lk, config.chunk_size), Lk).astype(np.int64)
-    if boundaries is None and config.chunking == "fixed":
-        boundaries = np.append(np.arange(0, Lk, config.chunk_size), Lk).astype(np.int64)
-    bounds = num_bounds = None
-    if boundaries is not None:
-        bounds, num_bounds = _bounds_arrays(boundaries, n_cg, Lk)
-    res = _core.predict(
-        q, k, causal=bool(causal), scale=scale, window=window,
-        granularity=_GRAN_CODE[config.granularity], block_size=config.block_size,
-        sink=config.sink, local=config.local, mode=_MODE_CODE[config.budget_mode],
-        budget=config.budget, density=config.density, mass=config.mass,
-        min_budget=config.min_budget, max_budget=config.max_budget,
-        boundary_window=config.boundary_window, threshold=config.threshold,
-        min_len=config.min_chunk, max_len=config.max_chunk, nms_radius=config.nms_radius,
-        max_chunks=config.max_chunks or 0, bounds=bounds, num_bounds=num_bounds,
-        return_scores=bool(return_scores), num_threads=num_threads, key_norm=key_norm)
-    nb = res["num_bounds"]
-    return Selection(
-        offsets=res["offsets"], starts=res["starts"], ends=res["ends"],
-        block_size=config.block_size, batch=B, groups=res["select_groups"],
-        num_blocks=-(-Lq // config.block_size), granularity=config.granularity,
-        boundaries=[res["bounds"][i, :nb[i]].copy() for i in range(len(nb))],
-        chunk_groups=res["chunk_groups"], chunk_scores=res["chunk_scores"],
-        pairs_selected=res["pairs_selected"], pairs_allowed=res["pairs_allowed"])
+    # the core checks q and k (types, shapes, values): q is a valid array after it
+    res = _core.predict(q, k, config, causal=bool(causal), scale=scale, window=window,
+                        boundaries=boundaries, return_scores=bool(return_scores),
+                        num_threads=num_threads)
+    return _selection(res, config, q.shape[0], q.shape[2])
 
 
 def _baseline_selection(q, k, config: DHSAConfig, *, causal, scale, softcap, window,
                         num_threads=None) -> Selection:
     from .baselines import baseline_ranges
 
-    # the C wrapper validates tensors and options: a trivial prediction (one
-    # dense block, O(L * D)) makes bad input fail the same way for every method
-    _core.predict(q, k, causal=bool(causal), scale=scale, window=window, granularity=0,
-                  block_size=q.shape[2], sink=0, local=0, mode=0, budget=k.shape[2],
-                  density=1.0, mass=1.0, min_budget=1, max_budget=1, boundary_window=1,
-                  threshold=0.0, min_len=1, max_len=1, nms_radius=0, max_chunks=0)
-    if softcap is not None:
-        _core.dense_attention(q[:1, :1, :1, :1], k[:1, :1, :1, :1], k[:1, :1, :1, :1],
-                              softcap=softcap)
+    # the same argument checks and input scan as every core call
+    _core.check_inputs(q, k, causal=bool(causal), scale=scale, softcap=softcap, window=window,
+                       num_threads=num_threads)
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     offsets, starts, ends, groups = baseline_ranges(
@@ -259,28 +204,36 @@ def sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray,
     (selected / allowed pairs) and the time of each stage.
     """
     config = _check_config(config)
-    t0 = time.perf_counter()
+    opts = dict(causal=bool(causal), scale=scale, softcap=softcap, window=window,
+                num_threads=num_threads, return_info=bool(return_info))
+    predict_seconds = 0.0
+    if selection is None and config.method not in _BASELINES:
+        # prediction and attention in one core call, q, k, v scanned once
+        res = _core.sparse_attention(q, k, v, config=config, boundaries=boundaries, **opts)
+        if not return_info:
+            return res
+        out, d = res
+        return out, AttentionInfo(selection=_selection(d, config, q.shape[0], q.shape[2]),
+                                  predict_seconds=d["predict_seconds"],
+                                  attention_seconds=d["attention_seconds"])
     if selection is None:
+        t0 = time.perf_counter()
         selection = predict_selection(q, k, config, causal=causal, scale=scale, window=window,
-                                      boundaries=boundaries, softcap=softcap,
-                                      num_threads=num_threads)
+                                      softcap=softcap, num_threads=num_threads)
+        predict_seconds = time.perf_counter() - t0
     elif not isinstance(selection, Selection):
         raise TypeError(f"selection must be a Selection, got {type(selection).__name__}")
-    t1 = time.perf_counter()
-    out = _core.sparse_attention(q, k, v, selection.offsets, selection.starts, selection.ends,
-                                 selection.block_size, causal=bool(causal), scale=scale,
-                                 softcap=softcap, window=window, num_threads=num_threads)
-    t2 = time.perf_counter()
+    res = _core.sparse_attention(q, k, v, offsets=selection.offsets, starts=selection.starts,
+                                 ends=selection.ends, block_size=selection.block_size, **opts)
     if not return_info:
-        return out
-    if selection.pairs_selected is None:
-        qs, ks = q.shape, k.shape
-        selection.pairs_selected, selection.pairs_allowed = _core.count_pairs(
-            selection.offsets, selection.starts, selection.ends,
-            block_size=selection.block_size, B=qs[0], H=qs[1], Hkv=ks[1], Lq=qs[2], Lk=ks[2],
-            causal=bool(causal), window=window, num_threads=num_threads)
-    return out, AttentionInfo(selection=selection, predict_seconds=t1 - t0,
-                              attention_seconds=t2 - t1)
+        return res
+    out, d = res
+    # pair counts under this call's masks, in a new Selection: the caller's object is
+    # never changed, and counts it carries from other options never reach the info
+    selection = dataclasses.replace(selection, pairs_selected=d["pairs_selected"],
+                                    pairs_allowed=d["pairs_allowed"])
+    return out, AttentionInfo(selection=selection, predict_seconds=predict_seconds,
+                              attention_seconds=d["attention_seconds"])
 
 
 def build_info() -> dict:
@@ -289,5 +242,11 @@ def build_info() -> dict:
 
 
 def force_scalar(enabled: bool = True) -> None:
-    """Route every vectorised kernel to its plain scalar twin (for comparison)."""
+    """Route the vectorised row kernels (softmax max / exp-sum, softcap,
+    scaling, float16 widening) to their plain scalar twins, for comparison.
+
+    The tile matrix products (S = Q K^T, O += P V) do not go to their scalar
+    twins under it: with the vector tile kernels off they run through
+    OpenBLAS sgemm (``_core.tile_path("scalar")`` selects the scalar tile
+    kernels). ``build_info()["simd_path"]`` reports "scalar" meanwhile."""
     _core.force_scalar(bool(enabled))

@@ -23,20 +23,12 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from .config import DHSAConfig
-from .reference import _block_geometry as _geometry
-from .reference import visible_rows as _visible
+from .rules import (block_geometry, budget_clamp, forced_ranges, group_heads, masked_softmax,
+                    selection_groups, softcap_logits, visible_rows)
 
 __all__ = ["baseline_ranges"]
 
 Range = Tuple[int, int]
-
-
-def _budget(cfg: DHSAConfig, allowed: int) -> int:
-    if cfg.budget_mode == "tokens":
-        return cfg.budget
-    if cfg.budget_mode == "density":
-        return int(math.ceil(cfg.density * allowed))
-    return cfg.max_budget  # adaptive: no mass estimate here, use the ceiling
 
 
 def _merge(ranges: List[Range]) -> List[Range]:
@@ -60,32 +52,8 @@ def _runs(idx: np.ndarray) -> List[Range]:
     return [(int(a), int(b)) for a, b in zip(starts, ends)]
 
 
-def _group_heads(granularity: str, H: int, Hkv: int, g: int):
-    """(query heads, kv head of each) of selection group g."""
-    G = H // Hkv
-    if granularity == "layer":
-        heads = list(range(H))
-    elif granularity == "kv_head":
-        heads = list(range(g * G, (g + 1) * G))
-    else:
-        heads = [g]
-    return heads, [h // G for h in heads]
-
-
 def _logits(q, k, scale, softcap):
-    s = (q.astype(np.float64) @ k.astype(np.float64).T) * scale
-    if softcap is not None:
-        s = softcap * np.tanh(s / softcap)
-    return s
-
-
-def _softmax_rows(s: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    s = np.where(mask, s, -np.inf)
-    m = s.max(axis=1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m)
-    z = p.sum(axis=1, keepdims=True)
-    return np.divide(p, z, out=np.zeros_like(p), where=z > 0)
+    return softcap_logits((q.astype(np.float64) @ k.astype(np.float64).T) * scale, softcap)
 
 
 def baseline_ranges(method: str, q: np.ndarray, k: np.ndarray, cfg: DHSAConfig, *,
@@ -103,23 +71,24 @@ def baseline_ranges(method: str, q: np.ndarray, k: np.ndarray, cfg: DHSAConfig, 
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     bs = min(cfg.block_size, Lq)
     nqb = -(-Lq // bs)
-    groups = {"layer": 1, "kv_head": Hkv, "query_head": H}[cfg.granularity]
+    groups = selection_groups(cfg.granularity, H, Hkv)
     offsets, starts, ends = [0], [], []
     for b in range(B):
         for g in range(groups):
-            heads, kvs = _group_heads(cfg.granularity, H, Hkv, g)
+            heads, kvs = group_heads(cfg.granularity, H, Hkv, g)
             pattern = None
             if method == "vertical_slash":
                 pattern = _vertical_slash_scores(q[b], k[b], heads, kvs, cfg, scale, softcap,
                                                  causal, window)
             for qb in range(nqb):
-                i0, nq, spos, epos, lo, hi = _geometry(Lq, Lk, bs, qb, causal, window)
+                geom = block_geometry(Lq, Lk, bs, qb, causal, window)
+                i0, nq, spos, epos, lo, hi = geom
                 allowed = hi - lo
-                sink_end = min(lo + cfg.sink, hi)
-                loc_a = max(sink_end, spos - cfg.local)
-                loc_b = max(loc_a, min(hi, epos + 1))
-                forced = (sink_end - lo) + (loc_b - loc_a)
-                budget = max(_budget(cfg, allowed), forced)
+                sink_end, loc_a, loc_b, forced = forced_ranges(geom, cfg.sink, cfg.local)
+                # adaptive: no mass estimate here, so the ceiling (max_budget)
+                budget = budget_clamp(allowed, forced, mode=cfg.budget_mode, budget=cfg.budget,
+                                      density=cfg.density, min_budget=cfg.min_budget,
+                                      max_budget=cfg.max_budget)[1]
                 if allowed <= budget:
                     ranges = [(lo, hi)]
                 else:
@@ -137,9 +106,9 @@ def baseline_ranges(method: str, q: np.ndarray, k: np.ndarray, cfg: DHSAConfig, 
                         chosen = order[:free]
                     elif method == "oracle":
                         mass = np.zeros(Lk)
-                        vis = _visible(Lq, Lk, i0, i0 + nq, causal, window)
+                        vis = visible_rows(Lq, Lk, i0, i0 + nq, causal, window)
                         for h, kv in zip(heads, kvs):
-                            p = _softmax_rows(_logits(q[b, h, i0:i0 + nq], k[b, kv], scale,
+                            p = masked_softmax(_logits(q[b, h, i0:i0 + nq], k[b, kv], scale,
                                                       softcap), vis)
                             mass += p.sum(axis=0)
                         m = mass[cand]
@@ -164,13 +133,13 @@ def _vertical_slash_scores(qb, kb, heads, kvs, cfg, scale, softcap, causal, wind
     Lk = kb.shape[1]
     n = min(cfg.last_queries, Lq)
     r0 = Lq - n
-    vis = _visible(Lq, Lk, r0, Lq, causal, window)
+    vis = visible_rows(Lq, Lk, r0, Lq, causal, window)
     vertical = np.zeros(Lk)
     slash = np.zeros(2 * Lk)  # offsets -Lk+1 .. Lk-1, index offset + Lk
     pos = np.arange(Lk - n, Lk)[:, None]
     off = (pos - np.arange(Lk)[None, :]) + Lk
     for h, kv in zip(heads, kvs):
-        p = _softmax_rows(_logits(qb[h, r0:], kb[kv], scale, softcap), vis)
+        p = masked_softmax(_logits(qb[h, r0:], kb[kv], scale, softcap), vis)
         vertical += p.sum(axis=0)
         np.add.at(slash, off.ravel(), p.ravel())
     # ranked once here, not per block

@@ -58,7 +58,7 @@ class DHSAConfig:
     mean key of the ``boundary_window`` keys after a position departs from
     the mean of those before it (score = 1 - cosine of the two, centred,
     >= ``threshold``, a local maximum within ``nms_radius``), with chunks of
-    ``min_chunk`` to ``max_chunk`` keys (the last chunk may be shorter) and at most ``max_chunks`` chunks;
+    ``min_chunk`` to ``max_chunk`` keys (the last chunk may be shorter) and at most ``max_chunks`` chunks (once ``max_chunks`` - 1 boundaries are placed, the last chunk takes the rest);
     ``chunking="fixed"`` cuts every ``chunk_size`` keys.
 
     ``granularity``: one selection per layer (heads averaged), per KV head
@@ -74,6 +74,13 @@ class DHSAConfig:
     diagonals estimated from the last ``last_queries`` queries, as in
     MInference) and ``"oracle"`` (the keys with the most true attention
     mass; O(L^2), for short inputs and as an upper bound).
+
+    This class is the one place where the meaning of the options is checked
+    (``__post_init__``). The C core reads the fields by these names
+    (``dhsa._core`` converts a config into its ``dhsa_predict_params``, the
+    string fields matched by name; ``max_chunks=None`` is no cap) and refuses
+    only values unsafe for it. ``"dhsa"`` and ``"block_topk"`` run in C; the
+    other methods are NumPy code (:mod:`dhsa.baselines`).
     """
 
     budget: int = 2048

@@ -12,7 +12,15 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .config import BUDGET_MODES, GRANULARITIES  # noqa: F401  (the names of the options)
+# the rules (visibility, block geometry, clamp, softmax, head mapping) live in
+# dhsa.rules; this module states the algorithm with them
+from .rules import (block_geometry, budget_clamp, chunk_groups, expand_kv,
+                    forced_ranges, group_heads, masked_softmax_weights, selection_groups,
+                    selection_mask, softcap_logits, visible_mask, visible_rows)
+
 __all__ = [
+    "visible_rows",
     "visible_mask",
     "dense_attention",
     "attention_with_selection",
@@ -24,49 +32,14 @@ __all__ = [
     "selection_mask",
 ]
 
-GRANULARITIES = ("layer", "kv_head", "query_head")
-BUDGET_MODES = ("tokens", "density", "adaptive")
-
-
-def visible_rows(Lq: int, Lk: int, r0: int, r1: int, causal: bool = True,
-                 window: Optional[int] = None) -> np.ndarray:
-    """(r1 - r0, Lk) bool: the rows r0..r1-1 of :func:`visible_mask`."""
-    p = np.arange(Lk - Lq + r0, Lk - Lq + r1)[:, None]
-    j = np.arange(Lk)[None, :]
-    m = np.ones((r1 - r0, Lk), dtype=bool)
-    if causal:
-        m &= j <= p
-    if window is not None:
-        m &= j > p - window
-        if not causal:
-            m &= j < p + window
-    return m
-
-
-def visible_mask(Lq: int, Lk: int, causal: bool = True, window: Optional[int] = None) -> np.ndarray:
-    """(Lq, Lk) bool: key j visible to query i at position p = Lk - Lq + i.
-
-    causal: j <= p. window w: j > p - w, and if not causal also j < p + w.
-    """
-    return visible_rows(Lq, Lk, 0, Lq, causal, window)
 
 
 def _attend(q, k, v, mask, scale, softcap):
     """q (H, Lq, D), k/v (H, Lk, D) float64, mask (H or 1, Lq, Lk)."""
-    s = np.einsum("hqd,hkd->hqk", q, k) * scale
-    if softcap is not None:
-        s = softcap * np.tanh(s / softcap)
-    s = np.where(mask, s, -np.inf)
-    m = s.max(axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m)
-    l = p.sum(axis=-1, keepdims=True)
+    s = softcap_logits(np.einsum("hqd,hkd->hqk", q, k) * scale, softcap)
+    p, l = masked_softmax_weights(s, mask)
     out = np.einsum("hqk,hkd->hqd", p, v)
     return np.divide(out, l, out=np.zeros_like(out), where=l > 0)
-
-
-def _expand_kv(x: np.ndarray, H: int) -> np.ndarray:
-    return np.repeat(x, H // x.shape[1], axis=1)
 
 
 def dense_attention(q, k, v, causal: bool = True, scale: Optional[float] = None,
@@ -76,24 +49,9 @@ def dense_attention(q, k, v, causal: bool = True, scale: Optional[float] = None,
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    k, v = _expand_kv(k, H), _expand_kv(v, H)
+    k, v = expand_kv(k, H), expand_kv(v, H)
     mask = visible_mask(Lq, Lk, causal, window)[None]
     return np.stack([_attend(q[b], k[b], v[b], mask, scale, softcap) for b in range(B)])
-
-
-def selection_mask(offsets, starts, ends, B: int, groups: int, Lq: int, Lk: int,
-                   block_size: int) -> np.ndarray:
-    """(B, groups, Lq, Lk) bool: keys each query block's ranges select."""
-    nqb = -(-Lq // block_size)
-    m = np.zeros((B, groups, Lq, Lk), dtype=bool)
-    for b in range(B):
-        for g in range(groups):
-            for qb in range(nqb):
-                i = (b * groups + g) * nqb + qb
-                rows = slice(qb * block_size, min(Lq, (qb + 1) * block_size))
-                for r in range(offsets[i], offsets[i + 1]):
-                    m[b, g, rows, starts[r]:ends[r]] = True
-    return m
 
 
 def attention_with_selection(q, k, v, offsets, starts, ends, block_size: int,
@@ -108,10 +66,9 @@ def attention_with_selection(q, k, v, offsets, starts, ends, block_size: int,
     groups = (len(offsets) - 1) // (B * nqb)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     sel = selection_mask(offsets, starts, ends, B, groups, Lq, Lk, block_size)
-    if groups != H:
-        sel = np.repeat(sel, H // groups, axis=1)
+    sel = expand_kv(sel, H)  # groups -> query heads, as KV heads are
     vis = visible_mask(Lq, Lk, causal, window)[None]
-    k, v = _expand_kv(k, H), _expand_kv(v, H)
+    k, v = expand_kv(k, H), expand_kv(v, H)
     return np.stack([_attend(q[b], k[b], v[b], sel[b] & vis, scale, softcap) for b in range(B)])
 
 
@@ -147,17 +104,25 @@ def find_boundaries(score: np.ndarray, threshold: float, min_len: int, max_len: 
 
     t becomes a boundary when the open chunk has max_len keys, or when it
     has min_len keys and score[t] >= threshold beats every score within
-    nms_radius (an earlier equal score wins). max_chunks > 0 widens the
-    lengths to at least ceil(Lk / max_chunks), which caps the count.
+    nms_radius (an earlier equal score wins). max_chunks > 0 caps the count
+    exactly: the scan stops once max_chunks - 1 boundaries are placed and
+    the last chunk takes the rest (so it may be longer than max_len).
+
+    Causal: the decision at t reads score[:t + nms_radius + 1] and the count
+    of earlier boundaries, never Lk (score[u] itself reads keys up to
+    u + boundary_window), so appending keys moves no boundary before
+    Lk - boundary_window - nms_radius. A cap that widened the lengths to
+    ceil(Lk / max_chunks) would not be: any exact cap that holds for every
+    Lk must let the last chunk grow without bound, and this is the simplest
+    such rule.
     """
     Lk = len(score)
-    if max_chunks > 0:
-        need = -(-Lk // max_chunks)
-        min_len = max(min_len, need)
-        max_len = max(max_len, min_len)
+    inner_cap = max_chunks - 1 if max_chunks > 0 else Lk
     bounds = [0]
     last = 0
     for t in range(1, Lk):
+        if len(bounds) - 1 >= inner_cap:
+            break
         length = t - last
         take = length >= max_len
         if not take and length >= min_len and score[t] >= threshold:
@@ -204,35 +169,16 @@ def _repr(P: np.ndarray, a: int, b: int, power: float = 0.5) -> np.ndarray:
 
 # ---- selection ------------------------------------------------------------
 
-def _block_geometry(Lq, Lk, block_size, qb, causal, window):
-    i0 = qb * block_size
-    nq = min(block_size, Lq - i0)
-    spos = Lk - Lq + i0
-    epos = spos + nq - 1
-    lo = max(0, spos - window + 1) if window else 0
-    if causal:
-        hi = epos + 1
-    else:
-        hi = min(Lk, epos + window) if window else Lk
-    return i0, nq, spos, epos, lo, hi
-
-
 def _select_block(rq, kP, bounds, geom, cfg, scale):
-    kn = cfg["key_norm"]
     """Ranges [(a, b), ...] of one query block (mirrors select_block in C)."""
+    kn = cfg["key_norm"]
     i0, nq, spos, epos, lo, hi = geom
     allowed = hi - lo
-    sink_end = min(lo + cfg["sink"], hi)
-    loc_a = max(sink_end, spos - cfg["local"])
-    loc_b = max(loc_a, min(hi, epos + 1))
-    forced = (sink_end - lo) + (loc_b - loc_a)
+    sink_end, loc_a, loc_b, forced = forced_ranges(geom, cfg["sink"], cfg["local"])
     mode = cfg["mode"]
-    if mode == "adaptive":
-        lo_clamp = max(cfg["min_budget"], forced)
-        hi_clamp = max(cfg["max_budget"], forced)
-    else:
-        bud = cfg["budget"] if mode == "tokens" else int(math.ceil(cfg["density"] * allowed))
-        lo_clamp = hi_clamp = max(bud, forced)
+    lo_clamp, hi_clamp = budget_clamp(allowed, forced, mode=mode, budget=cfg["budget"],
+                                      density=cfg["density"], min_budget=cfg["min_budget"],
+                                      max_budget=cfg["max_budget"])
     if allowed <= lo_clamp:
         return [(lo, hi)]
 
@@ -312,10 +258,9 @@ def predict(q, k, *, block_size: int = 64, sink: int = 64, local: int = 256,
     k = np.asarray(k, dtype=np.float64)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    G = H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    CG = 1 if granularity == "layer" else Hkv
-    SG = {"layer": 1, "kv_head": Hkv, "query_head": H}[granularity]
+    CG = chunk_groups(granularity, Hkv)
+    SG = selection_groups(granularity, H, Hkv)
     if bounds is None:
         bounds = []
         for b in range(B):
@@ -330,16 +275,14 @@ def predict(q, k, *, block_size: int = 64, sink: int = 64, local: int = 256,
     offsets, starts, ends = [0], [], []
     for b in range(B):
         for sg in range(SG):
-            if granularity == "layer":
-                qh, cg, kh = q[b], 0, k[b]
-            elif granularity == "kv_head":
-                qh, cg, kh = q[b, sg * G:(sg + 1) * G], sg, k[b, sg:sg + 1]
-            else:
-                qh, cg, kh = q[b, sg:sg + 1], sg // G, k[b, sg // G:sg // G + 1]
+            heads, kvs = group_heads(granularity, H, Hkv, sg)
+            kv = sorted(set(kvs))
+            qh, kh = q[b, heads], k[b, kv]
+            cg = 0 if granularity == "layer" else kv[0]
             qP, kP = prefix_sums(qh), prefix_sums(kh)
             bd = np.asarray(bounds[b * CG + cg])
             for qb in range(nqb):
-                geom = _block_geometry(Lq, Lk, block_size, qb, causal, window)
+                geom = block_geometry(Lq, Lk, block_size, qb, causal, window)
                 i0, nq = geom[0], geom[1]
                 rq = _repr(qP, i0, i0 + nq)
                 for a, e in _select_block(rq, kP, bd, geom, cfg, scale):

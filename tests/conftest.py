@@ -45,6 +45,22 @@ def predict_kwargs(cfg: dhsa.DHSAConfig) -> dict:
                 nms_radius=cfg.nms_radius, max_chunks=cfg.max_chunks or 0)
 
 
+def tokens_mode_density(L: int, block: int, budget: int) -> float:
+    """Selected / allowed pairs of a tokens-mode selection on L causal queries
+    over L keys, whatever picks the keys: a block that may see more keys than
+    ``budget`` keeps exactly ``budget``, its own ``nq`` keys among them
+    (causal inside the block), the rest before it."""
+    from dhsa import rules
+    selected = allowed = 0
+    for qb in range(-(-L // block)):
+        g = rules.block_geometry(L, L, block, qb)
+        pairs = rules.allowed_pairs(g.nq, g.hi)
+        allowed += pairs
+        selected += pairs if g.hi - g.lo <= budget else (
+            g.nq * (budget - g.nq) + g.nq * (g.nq + 1) // 2)
+    return selected / allowed
+
+
 def reference_predict(q, k, cfg: dhsa.DHSAConfig, **kw) -> dict:
     """``reference.predict`` with the fields of ``cfg`` (fixed chunking included)."""
     args = predict_kwargs(cfg)

@@ -38,7 +38,7 @@ def test_baseline_rules(method, granularity, causal, window, Lq):
                 lo = max(0, s - window + 1) if window else 0
                 hi = e + 1 if causal else Lk
                 keys = np.concatenate([np.arange(a, c) for a, c in r])
-                assert np.all(np.diff(r.ravel()) > 0) or len(r) == 1  # sorted, disjoint
+                assert np.all(np.diff(r.ravel()) > 0)                 # sorted, disjoint, non-empty
                 assert keys.min() >= lo and keys.max() < hi          # allowed keys only
                 if hi - lo <= 64:
                     assert len(keys) == hi - lo                       # dense block

@@ -49,18 +49,20 @@ def planted_keys(rng, B, Hkv, Lk, D, shifts, noise=0.3):
 
 
 def check_structure(bounds, Lk, min_len, max_len, max_chunks=None):
+    """Every chunk but the last has min_len..max_len keys; the last has at
+    most max_len unless the cap max_chunks was reached (then it takes the rest)."""
     bounds = np.asarray(bounds)
     assert bounds.dtype.kind == "i"
     assert bounds[0] == 0 and bounds[-1] == Lk
     lengths = np.diff(bounds)
     assert np.all(lengths > 0), "boundaries must rise strictly"
+    capped = False
     if max_chunks:
-        need = -(-Lk // max_chunks)
-        min_len = max(min_len, need)
-        max_len = max(max_len, min_len)
         assert len(lengths) <= max_chunks
+        capped = len(lengths) == max_chunks
     assert np.all(lengths[:-1] >= min_len), lengths
-    assert np.all(lengths <= max_len), lengths
+    assert np.all(lengths[:-1] <= max_len), lengths
+    assert capped or lengths[-1] <= max_len, lengths
 
 
 # ---- exact agreement with the reference ------------------------------------
@@ -173,10 +175,13 @@ def test_max_chunks_caps_count(rng, max_chunks):
     q, k, _ = make_qkv(rng, 1, 2, 2, 20, Lk, 16)
     cfg = chunk_cfg(min_chunk=1, max_chunk=4, threshold=0.0, max_chunks=max_chunks)
     uncapped = dhsa.predict_selection(q, k, cfg.replace(max_chunks=None)).boundaries
-    assert max(len(b) - 1 for b in uncapped) > max_chunks  # the cap has work to do
-    for bd in dhsa.predict_selection(q, k, cfg).boundaries:
-        assert 1 <= len(bd) - 1 <= max_chunks
+    capped = dhsa.predict_selection(q, k, cfg).boundaries
+    for bd, free in zip(capped, uncapped):
+        assert len(free) - 1 > max_chunks  # the cap has work to do
+        assert len(bd) - 1 == max_chunks
         check_structure(bd, Lk, 1, 4, max_chunks)
+        # the first max_chunks - 1 boundaries of the uncapped scan, then the rest
+        np.testing.assert_array_equal(bd, np.append(free[:max_chunks], Lk))
     if max_chunks == 1:
         np.testing.assert_array_equal(bd, [0, Lk])
 

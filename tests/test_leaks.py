@@ -130,6 +130,9 @@ def case(name):
         "sparse_hand_selection": (lambda: dhsa.sparse_attention(q, k, v, selection=sel,
                                                                 num_threads=1),
                                   (q, k, v, offsets, starts, ends)),
+        "sparse_hand_selection_info": (lambda: dhsa.sparse_attention(
+            q, k, v, selection=sel, num_threads=1, return_info=True),
+            (q, k, v, offsets, starts, ends)),
         "predict_scores": (lambda: dhsa.predict_selection(q, k, CFG, return_scores=True,
                                                           num_threads=1), (q, k)),
         "predict_bounds": (lambda: dhsa.predict_selection(q, k, CFG.replace(budget_mode="adaptive"),
@@ -149,12 +152,20 @@ def case(name):
                              (q, k, v)),
         "dense_bad_shape": (_raises(ValueError, dhsa.dense_attention, q, k[:, :, :, :16], v),
                             (q, k, v)),
-        "sparse_bad_selection": (_raises(ValueError, _core.sparse_attention, qh, kh, vh, offsets,
-                                         starts, bad_ends, 16), (qh, kh, vh, offsets, starts)),
-        "sparse_bad_offsets": (_raises(ValueError, _core.sparse_attention, q, k, v, offsets[:-1],
-                                       starts, ends, 16), (q, k, v, offsets)),
-        "sparse_float_starts": (_raises(TypeError, _core.sparse_attention, q, k, v, offsets,
-                                        starts.astype(np.float32), ends, 16), (q, k, v)),
+        "sparse_bad_selection": (_raises(ValueError, _core.sparse_attention, qh, kh, vh,
+                                         offsets=offsets, starts=starts, ends=bad_ends,
+                                         block_size=16), (qh, kh, vh, offsets, starts)),
+        "sparse_bad_offsets": (_raises(ValueError, _core.sparse_attention, q, k, v,
+                                       offsets=offsets[:-1], starts=starts, ends=ends,
+                                       block_size=16), (q, k, v, offsets)),
+        "sparse_float_starts": (_raises(TypeError, _core.sparse_attention, q, k, v,
+                                        offsets=offsets, starts=starts.astype(np.float32),
+                                        ends=ends, block_size=16), (q, k, v)),
+        "sparse_nan_v_predicted": (_raises(ValueError, dhsa.sparse_attention, q, k, vnan, CFG),
+                                   (q, k, vnan)),
+        "core_predict_baseline_method": (_raises(ValueError, _core.predict, q, k,
+                                                 CFG.replace(method="streaming")), (q, k)),
+        "check_inputs_nan_k": (_raises(ValueError, _core.check_inputs, q, knan), (q, knan)),
         "predict_nan_k": (_raises(ValueError, dhsa.predict_selection, q, knan, CFG), (q, knan)),
         "predict_bad_bounds": (_raises(ValueError, dhsa.predict_selection, q, k, CFG,
                                        boundaries=bounds[::-1].copy()), (q, k)),
@@ -170,11 +181,12 @@ def case(name):
 
 
 CASES = ["dense_f32", "dense_f16_fortran", "sparse_predicted", "sparse_f16_predicted",
-         "sparse_hand_selection", "predict_scores", "predict_bounds", "predict_streaming",
+         "sparse_hand_selection", "sparse_hand_selection_info", "predict_scores", "predict_bounds", "predict_streaming",
          "count_pairs", "dense_bad_dtype_v", "dense_nan_v", "dense_bad_window",
          "dense_bad_shape", "sparse_bad_selection", "sparse_bad_offsets", "sparse_float_starts",
          "predict_nan_k", "predict_bad_bounds", "predict_bad_option", "count_pairs_bad",
-         "config_type_error"]
+         "config_type_error", "sparse_nan_v_predicted", "core_predict_baseline_method",
+         "check_inputs_nan_k"]
 
 
 # a third of the calls where an OpenMP team of every core runs (the pair count

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -67,7 +68,8 @@ CHILD = textwrap.dedent("""
             if entry == "dense":
                 dhsa.dense_attention(*args)
             elif entry == "sparse":
-                _core.sparse_attention(*args, np.array([0, 1]), np.array([0]), np.array([1]), 1)
+                _core.sparse_attention(*args, offsets=np.array([0, 1]), starts=np.array([0]),
+                                       ends=np.array([1]), block_size=1)
             else:
                 dhsa.predict_selection(args[0], args[1], dhsa.DHSAConfig(
                     budget=8, block_size=1, sink=0, local=6, boundary_window=2, nms_radius=1))
@@ -187,7 +189,8 @@ def test_range_values_past_int32_refused_before_narrowing(dtype, bad):
         pytest.skip("value does not fit the dtype")
     ends = np.array([bad], dtype=dtype)
     with pytest.raises(ValueError, match="Lk"):
-        _core.sparse_attention(q, k, v, np.array([0, 1]), np.array([0]), ends, 4)
+        _core.sparse_attention(q, k, v, offsets=np.array([0, 1]), starts=np.array([0]),
+                               ends=ends, block_size=4)
     with pytest.raises(ValueError, match="Lk"):
         _core.count_pairs(np.array([0, 1]), np.array([0], dtype=dtype), ends, block_size=4,
                           B=1, H=1, Hkv=1, Lq=4, Lk=8)
@@ -197,34 +200,45 @@ def test_offsets_past_int64_wrap_refused():
     q, k, v = make_qkv(np.random.default_rng(0), 1, 1, 1, 4, 8, 4)
     offsets = np.array([0, 2**64 - 1], dtype=np.uint64)  # -1 as int64
     with pytest.raises(ValueError, match="offsets"):
-        _core.sparse_attention(q, k, v, offsets, np.array([0]), np.array([1]), 4)
+        _core.sparse_attention(q, k, v, offsets=offsets, starts=np.array([0]),
+                               ends=np.array([1]), block_size=4)
 
 
 # ---- option values at the int64 edge ---------------------------------------------
 
-PREDICT_BASE = dict(granularity=1, block_size=8, sink=4, local=16, mode=0, budget=40,
-                    density=0.3, mass=0.9, min_budget=8, max_budget=48, boundary_window=4,
-                    threshold=0.2, min_len=2, max_len=8, nms_radius=2, max_chunks=0)
+# the fields _core.predict reads from a config, here on a plain namespace so
+# that values DHSAConfig would refuse reach the core's own safety checks
+PREDICT_BASE = dict(granularity="kv_head", block_size=8, sink=4, local=16,
+                    budget_mode="tokens", budget=40, density=0.3, mass=0.9, min_budget=8,
+                    max_budget=48, chunking="dynamic", chunk_size=8, boundary_window=4,
+                    threshold=0.2, min_chunk=2, max_chunk=8, nms_radius=2, max_chunks=None,
+                    normalization="sqrt", method="dhsa")
+
+
+def core_config(**fields):
+    return types.SimpleNamespace(**dict(PREDICT_BASE, **fields))
 EDGE = [2**31 - 1, 2**31, 2**32 + 1, 2**62, 2**63 - 1]
 
 
 @pytest.mark.parametrize("field", ["block_size", "sink", "local", "budget", "min_budget",
-                                   "max_budget", "boundary_window", "min_len", "max_len",
-                                   "nms_radius", "max_chunks"])
-@pytest.mark.parametrize("mode", [0, 2])
+                                   "max_budget", "boundary_window", "min_chunk", "max_chunk",
+                                   "nms_radius", "max_chunks", "chunk_size"])
+@pytest.mark.parametrize("mode", ["tokens", "adaptive"])
 def test_predict_int_options_at_int64_edge_mean_the_length(field, mode):
     """Every count option past the sequence length behaves as the length itself."""
     q, k, _ = make_qkv(np.random.default_rng(3), 1, 4, 2, 40, 70, 16)
     Lq, Lk = 40, 70
     cut = Lq if field == "block_size" else Lk
-    base = dict(PREDICT_BASE, mode=mode)
-    if field == "min_len":
-        base["max_len"] = 2**63 - 1
+    base = dict(budget_mode=mode)
+    if field == "min_chunk":
+        base["max_chunk"] = 2**63 - 1
     if field == "min_budget":
         base["max_budget"] = 2**63 - 1
-    want = _core.predict(q, k, **dict(base, **{field: cut}))
+    if field == "chunk_size":
+        base["chunking"] = "fixed"
+    want = _core.predict(q, k, core_config(**base, **{field: cut}))
     for value in EDGE:
-        got = _core.predict(q, k, **dict(base, **{field: value}))
+        got = _core.predict(q, k, core_config(**base, **{field: value}))
         for name in ("offsets", "starts", "ends", "num_bounds", "pairs_selected"):
             np.testing.assert_array_equal(got[name], want[name], err_msg=f"{field}={value}")
 
@@ -233,8 +247,10 @@ def test_predict_int_options_at_int64_edge_mean_the_length(field, mode):
 def test_sparse_block_size_at_int64_edge(bs):
     q, k, v = make_qkv(np.random.default_rng(4), 1, 2, 1, 20, 50, 8)
     offsets, starts, ends = np.array([0, 2]), np.array([0, 30]), np.array([10, 50])
-    want = _core.sparse_attention(q, k, v, offsets, starts, ends, 20)
-    got = _core.sparse_attention(q, k, v, offsets, starts, ends, bs)
+    want = _core.sparse_attention(q, k, v, offsets=offsets, starts=starts, ends=ends,
+                                  block_size=20)
+    got = _core.sparse_attention(q, k, v, offsets=offsets, starts=starts, ends=ends,
+                                 block_size=bs)
     np.testing.assert_array_equal(got, want)
     sel_w = _core.count_pairs(offsets, starts, ends, block_size=20, B=1, H=2, Hkv=1, Lq=20, Lk=50)
     sel_g = _core.count_pairs(offsets, starts, ends, block_size=bs, B=1, H=2, Hkv=1, Lq=20,
@@ -242,12 +258,12 @@ def test_sparse_block_size_at_int64_edge(bs):
     np.testing.assert_array_equal(sel_g, sel_w)
 
 
-@pytest.mark.parametrize("name", ["density", "mass", "threshold", "key_norm"])
+@pytest.mark.parametrize("name", ["density", "mass", "threshold"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_predict_float_options_non_finite_named(name, bad):
     q, k, _ = make_qkv(np.random.default_rng(3), 1, 2, 1, 10, 20, 8)
-    with pytest.raises(ValueError, match=name):
-        _core.predict(q, k, **dict(PREDICT_BASE, **{name: bad}))
+    with pytest.raises(ValueError, match=rf"config\.{name} must be finite"):
+        _core.predict(q, k, core_config(**{name: bad}))
 
 
 # ---- budgets and block sizes at and past the sequence length ----------------------
@@ -386,8 +402,8 @@ def test_logits_beyond_float32_are_not_silently_wrong(case):
     ref = reference.dense_attention(q, k, v, **kw)
     try:
         if case == "sparse":
-            out = _core.sparse_attention(q, k, v, np.array([0, 1]), np.array([0]),
-                                         np.array([4]), 4)
+            out = _core.sparse_attention(q, k, v, offsets=np.array([0, 1]), starts=np.array([0]),
+                                         ends=np.array([4]), block_size=4)
         else:
             out = dhsa.dense_attention(q, k, v, **kw)
     except ValueError as e:
@@ -451,7 +467,8 @@ def test_logit_bound_refusal_names_q_and_k(entry):
         if entry == "dense":
             dhsa.dense_attention(q, q, v)
         else:
-            _core.sparse_attention(q, q, v, np.array([0, 1]), np.array([0]), np.array([8]), 8)
+            _core.sparse_attention(q, q, v, offsets=np.array([0, 1]), starts=np.array([0]),
+                                   ends=np.array([8]), block_size=8)
     # just under the bound: computed (all logits equal, uniform weights)
     q = np.full((1, 1, 8, 4), 1e18, np.float32)
     out = dhsa.dense_attention(q, q, np.ones_like(q))

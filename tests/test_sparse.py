@@ -2,6 +2,9 @@
 selection, causality, a planted needle, threads, info and selection reuse."""
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -324,17 +327,45 @@ def test_threads_bitwise_identical(rng, opts, granularity):
     np.testing.assert_array_equal(one, many)
 
 
+def test_return_info_with_given_selection_times_only_the_attention(rng):
+    q, k, v = make_qkv(rng, 1, 4, 2, 100, 300, 32)
+    sel = dhsa.predict_selection(q, k, CFG)
+    t0 = time.perf_counter()
+    _, info = dhsa.sparse_attention(q, k, v, selection=sel, return_info=True)
+    wall = time.perf_counter() - t0
+    assert info.predict_seconds == 0.0
+    assert 0.0 < info.attention_seconds <= wall
+
+
+def test_return_info_leaves_the_callers_selection_alone(rng):
+    """A selection without pair counts gets them in a new Selection; the
+    caller's object is not changed."""
+    q, k, v = make_qkv(rng, 1, 4, 2, 100, 300, 32)
+    sel = dhsa.predict_selection(q, k, CFG)
+    hand = dataclasses.replace(sel, pairs_selected=None, pairs_allowed=None)
+    out, info = dhsa.sparse_attention(q, k, v, selection=hand, return_info=True)
+    assert hand.pairs_selected is None and hand.pairs_allowed is None
+    assert info.selection is not hand
+    np.testing.assert_array_equal(info.selection.pairs_selected, sel.pairs_selected)
+    np.testing.assert_array_equal(info.selection.pairs_allowed, sel.pairs_allowed)
+    np.testing.assert_array_equal(out, dhsa.sparse_attention(q, k, v, selection=sel))
+
+
 def test_return_info(rng):
     Lq, Lk = 100, 300
     q, k, v = make_qkv(rng, 2, 4, 2, Lq, Lk, 32)
+    t0 = time.perf_counter()
     out, info = dhsa.sparse_attention(q, k, v, CFG, return_info=True)
+    wall = time.perf_counter() - t0
     plain = dhsa.sparse_attention(q, k, v, CFG)
     np.testing.assert_array_equal(out, plain)
     assert isinstance(info, dhsa.AttentionInfo)
     assert isinstance(info.selection, dhsa.Selection)
     assert 0.0 < info.density <= 1.0
     assert info.density < 1.0
-    assert info.predict_seconds >= 0.0 and info.attention_seconds >= 0.0
+    # both stages are timed in the core, inside the call
+    assert info.predict_seconds > 0.0 and info.attention_seconds > 0.0
+    assert info.predict_seconds + info.attention_seconds <= wall
     assert len(info.boundaries) == 2 * 2
     for bd in info.boundaries:
         assert bd[0] == 0 and bd[-1] == Lk and np.all(np.diff(bd) > 0)
@@ -481,3 +512,14 @@ def test_random_selections_match_reference(problem):
     assert rel_err(out, ref) <= 1e-5
     one = dhsa.sparse_attention(q, k, v, selection=sel, num_threads=1, **opts)
     np.testing.assert_array_equal(one, out)
+
+
+def test_return_info_counts_pairs_under_this_calls_masks(rng):
+    """A selection carrying pair counts of other options (here: no window) gets
+    the counts of the call's own masks in the info."""
+    q, k, v = make_qkv(rng, 1, 4, 2, 100, 300, 32)
+    sel = dhsa.predict_selection(q, k, CFG)
+    _, info = dhsa.sparse_attention(q, k, v, selection=sel, window=50, return_info=True)
+    windowed = dhsa.predict_selection(q, k, CFG, window=50)
+    assert info.selection.pairs_allowed.sum() == windowed.pairs_allowed.sum()
+    assert info.selection.pairs_allowed.sum() < sel.pairs_allowed.sum()

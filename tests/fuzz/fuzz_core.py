@@ -3,9 +3,11 @@
 
 Bytes are decoded into one call of ``_core.dense_attention``,
 ``_core.sparse_attention`` (with arbitrary, often invalid, CSR selections:
-offsets / starts / ends of random ints, dtypes and shapes), ``_core.predict``
-(every option an arbitrary int or float, huge, negative, NaN, or not a number
-at all; caller bounds valid, mutated or random) or ``_core.count_pairs``.
+offsets / starts / ends of random ints, dtypes and shapes; or with a config,
+predicting in the same call), ``_core.predict`` (a config whose every field is
+an arbitrary int, float or name, huge, negative, NaN, unknown, missing or not
+a number at all; caller boundaries valid, mutated or random) or
+``_core.count_pairs``.
 A call may raise ValueError, TypeError or MemoryError and nothing else; when
 it succeeds its result must be well formed (shape, dtype, finite values,
 a consistent CSR, 0 <= selected <= allowed pairs) and no input may have
@@ -40,6 +42,7 @@ import os
 import struct
 import sys
 import time
+import types
 
 import numpy as np
 
@@ -305,17 +308,74 @@ def call_sparse(src, rng):
     shape = base_shape(src)
     q, k, v = qkv(src, rng, shape)
     B, H, Hkv, Lq, Lk, D = shape
-    (offsets, starts, ends), bs = selection_args(src, B, H, Hkv, Lq, Lk)
     kw = attention_kwargs(src, Lk)
-    return "sparse", _core.sparse_attention, (q, k, v, offsets, starts, ends, bs), kw
+    if src.chance(0.3):  # predicted in the same call, from a config
+        kw["config"] = predict_config(src)
+        bounds = predict_bounds(src, kw["config"], B, Hkv, Lk)
+        if bounds is not None:
+            kw["boundaries"] = bounds
+    else:
+        (offsets, starts, ends), bs = selection_args(src, B, H, Hkv, Lq, Lk)
+        kw.update(offsets=offsets, starts=starts, ends=ends, block_size=bs)
+    if src.chance(0.3):
+        kw["return_info"] = src.pick([True, False, 1, None])
+    return "sparse", _core.sparse_attention, (q, k, v), kw
 
 
-PREDICT_INTS = [("granularity", 0, 2), ("block_size", 1, 80), ("sink", 0, 40), ("local", 0, 80),
-                ("mode", 0, 2), ("budget", 1, 400), ("min_budget", 1, 200),
-                ("max_budget", 1, 400), ("boundary_window", 1, 20), ("min_len", 1, 20),
-                ("max_len", 1, 40), ("nms_radius", 0, 8), ("max_chunks", 0, 20)]
-PREDICT_FLOATS = [("density", 0.001, 1.0), ("mass", 0.001, 1.0), ("threshold", 0.0, 2.0),
-                  ("key_norm", 0.0, 1.0)]
+# the fields _core.predict reads from a config (a namespace here, so that the
+# values DHSAConfig would refuse reach the core's safety checks)
+PREDICT_INTS = [("block_size", 1, 80), ("sink", 0, 40), ("local", 0, 80),
+                ("budget", 1, 400), ("min_budget", 1, 200), ("max_budget", 1, 400),
+                ("chunk_size", 1, 40), ("boundary_window", 1, 20), ("min_chunk", 1, 20),
+                ("max_chunk", 1, 40), ("nms_radius", 0, 8), ("max_chunks", 1, 20)]
+PREDICT_FLOATS = [("density", 0.001, 1.0), ("mass", 0.001, 1.0), ("threshold", 0.0, 2.0)]
+PREDICT_NAMES = [("granularity", ["layer", "kv_head", "query_head"]),
+                 ("budget_mode", ["tokens", "density", "adaptive"]),
+                 ("chunking", ["dynamic", "dynamic", "fixed"]),
+                 ("normalization", ["sqrt", "mean", "sum"]),
+                 ("method", ["dhsa", "dhsa", "block_topk"])]
+
+
+def predict_config(src):
+    fields = {}
+    for name, lo, hi in PREDICT_INTS:
+        fields[name] = any_int(src, lo, hi, odd=0.5)
+    if src.chance(0.3):
+        fields["max_chunks"] = None
+    if not src.chance(src.wild * 3):  # mostly ordered, as DHSAConfig makes them
+        for a, b in (("min_budget", "max_budget"), ("min_chunk", "max_chunk")):
+            if isinstance(fields[a], int) and isinstance(fields[b], int):
+                fields[a], fields[b] = min(fields[a], fields[b]), max(fields[a], fields[b])
+    for name, lo, hi in PREDICT_FLOATS:
+        fields[name] = any_float(src, lo, hi, odd=0.5)
+    for name, names in PREDICT_NAMES:
+        fields[name] = src.pick(names) if not src.chance(src.wild * 2) else \
+            src.pick(["streaming", "", "LAYER", None, 1, b"layer"])
+    for name in list(fields):
+        if src.chance(src.wild / 4):  # rarely missing
+            del fields[name]
+    return types.SimpleNamespace(**fields)
+
+
+def predict_bounds(src, cfg, B, Hkv, Lk):
+    """None, or caller bounds: one row per (batch, chunk group), or one shared row."""
+    if not src.chance(0.3):
+        return None
+    CG = 1 if getattr(cfg, "granularity", None) == "layer" else Hkv
+    rows = []
+    for _ in range(B * CG):
+        step = 1 + src.below(max(1, Lk))
+        rows.append(np.array(list(range(0, Lk, step)) + [Lk], dtype=np.int64))
+    if src.chance(src.wild * 5) and rows:
+        r = rows[src.below(len(rows))]
+        r[src.below(len(r))] = src.pick([-1, 0, Lk, Lk + 1, 2**40, 5])
+    if src.chance(0.3) and rows:
+        return rows[0]
+    if src.chance(src.wild * 2):
+        return src.pick([rows[:-1], [r.astype(np.float64) for r in rows], rows + rows[:1],
+                         [r.astype(np.int8) for r in rows], 5, "0", [None] * len(rows),
+                         [np.concatenate([r, r]) for r in rows]])
+    return rows
 
 
 def call_predict(src, rng):
@@ -324,39 +384,13 @@ def call_predict(src, rng):
     B, H, Hkv, Lq, Lk, D = shape
     kw = attention_kwargs(src, Lk)
     kw.pop("softcap", None)
-    for name, lo, hi in PREDICT_INTS:
-        if not src.chance(src.wild / 4):  # rarely missing (required)
-            kw[name] = any_int(src, lo, hi, odd=0.5)
-    if not src.chance(src.wild * 3):  # mostly ordered, as DHSAConfig makes them
-        for a, b in (("min_budget", "max_budget"), ("min_len", "max_len")):
-            if isinstance(kw.get(a), int) and isinstance(kw.get(b), int):
-                kw[a], kw[b] = min(kw[a], kw[b]), max(kw[a], kw[b])
-    for name, lo, hi in PREDICT_FLOATS:
-        if not src.chance(src.wild / 4):
-            kw[name] = any_float(src, lo, hi, odd=0.5)
-    if src.chance(0.3):  # caller bounds, (B * CG, Lk + 1) with counts
-        CG = 1 if kw.get("granularity") == 0 else Hkv
-        rows, counts = [], []
-        for _ in range(B * CG):
-            step = 1 + src.below(max(1, Lk))
-            b = list(range(0, Lk, step)) + [Lk]
-            counts.append(len(b))
-            rows.append(b + [0] * (Lk + 1 - len(b)))
-        bounds = np.array(rows, dtype=np.int64).reshape(len(rows), Lk + 1)
-        counts = np.array(counts, dtype=np.int64)
-        if src.chance(src.wild * 5) and bounds.size:
-            bounds.flat[src.below(bounds.size)] = src.pick([-1, 0, Lk, Lk + 1, 2**40, 5])
-        if src.chance(src.wild * 3) and counts.size:
-            counts[src.below(counts.size)] = src.pick([-1, 0, 1, 2, Lk + 1, Lk + 2, 2**62])
-        if src.chance(src.wild * 2):
-            bounds = src.pick([bounds[:, :-1], bounds.astype(np.float64), bounds[:1],
-                               bounds.astype(np.int8), bounds.T.copy(), bounds.reshape(-1)])
-        if src.chance(src.wild):
-            counts = src.pick([counts[:-1], counts.astype(np.float32), None, counts.reshape(1, -1)])
-        kw["bounds"], kw["num_bounds"] = bounds, counts
+    cfg = predict_config(src)
+    bounds = predict_bounds(src, cfg, B, Hkv, Lk)
+    if bounds is not None:
+        kw["boundaries"] = bounds
     if src.chance(0.3):
         kw["return_scores"] = src.pick([True, False, 1, None])
-    return "predict", _core.predict, (q, k), kw
+    return "predict", _core.predict, (q, k, cfg), kw
 
 
 def call_count_pairs(src, rng):
@@ -386,7 +420,10 @@ CALLS = [call_dense, call_sparse, call_predict, call_count_pairs]
 
 
 def _arrays(args, kw):
-    return [a for a in list(args) + list(kw.values()) if isinstance(a, np.ndarray)]
+    out = []
+    for a in list(args) + list(kw.values()):
+        out += [x for x in (a if isinstance(a, list) else [a]) if isinstance(x, np.ndarray)]
+    return out
 
 
 def _max_abs(x):
@@ -396,8 +433,16 @@ def _max_abs(x):
         return 0.0
 
 
+def check_pairs(res: dict) -> None:
+    sel, allowed = res["pairs_selected"], res["pairs_allowed"]
+    assert np.all(sel >= 0) and np.all(sel <= allowed), (sel, allowed)
+
+
 def check_result(kind, args, kw, res) -> str:
     """'ok', or AssertionError on a finding."""
+    if kind == "sparse" and isinstance(res, tuple):
+        res, info = res
+        check_pairs(info)
     if kind in ("dense", "sparse"):
         q = args[0]
         assert isinstance(res, np.ndarray), type(res)
@@ -410,7 +455,7 @@ def check_result(kind, args, kw, res) -> str:
         assert _max_abs(res) <= vmax * 1.001 + 1e-6, "output outside the convex hull of v"
         return "ok"
     if kind == "predict":
-        q, k = args
+        q, k, _ = args
         B, Lk = q.shape[0], k.shape[2]
         off, st, en = res["offsets"], res["starts"], res["ends"]
         assert off[0] == 0 and off[-1] == len(st) == len(en)
@@ -421,8 +466,7 @@ def check_result(kind, args, kw, res) -> str:
         for i, n in enumerate(nb):
             row = res["bounds"][i, :n]
             assert row[0] == 0 and row[-1] == Lk and np.all(np.diff(row) > 0)
-        sel, allowed = res["pairs_selected"], res["pairs_allowed"]
-        assert np.all(sel >= 0) and np.all(sel <= allowed)
+        check_pairs(res)
         return "ok"
     if kind == "count_pairs":
         sel, allowed = res
