@@ -24,9 +24,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dhsa  # noqa: E402
-from common import command_line, machine_info, utc_now, write_results  # noqa: E402
+import dhsa
+from common import command_line, machine_info, utc_now, write_results
 
 VARIANTS = {
     # name: DHSAConfig overrides (on top of the shared block / sink / local)
@@ -48,7 +47,7 @@ def load_text(haystack_dir, n_chars):
         files = sorted(glob.glob(os.path.join(haystack_dir, "*.txt")))
         text = "".join(open(f, encoding="utf-8", errors="ignore").read() for f in files)
     else:
-        from dhsa.demo import filler_sentences
+        from dhsa.harness.demo import filler_sentences
         text = " ".join(filler_sentences())
     return text[:n_chars]
 
@@ -67,7 +66,7 @@ def main(argv=None):
     started = utc_now()
 
     from dhsa.analysis import capture_qkv, dense_probabilities, recall_from_probabilities
-    from dhsa.models import load_smollm2
+    from dhsa.harness.models import load_smollm2
     model, tok = load_smollm2()
     ids = tok(load_text(args.haystack_dir, args.length * 8), return_tensors="pt").input_ids
     ids = ids[:, :args.length]

@@ -12,19 +12,19 @@ over the repeats after a warm-up. GFLOP/s count the useful causal work
 in the same run with the same threads (sampled through the run; the best
 sample is used, since the machine may be shared).
 
-    PYTHONPATH=. python benchmarks/bench_dense.py --quick
-    PYTHONPATH=. python benchmarks/bench_dense.py --shapes 9/3/64@8K,32/8/128@4K
+    python benchmarks/bench_dense.py --quick
+    python benchmarks/bench_dense.py --shapes 9/3/64@8K,32/8/128@4K
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import dhsa, np  # noqa: E402
+import numpy as np
+
+import common
+import dhsa
 
 NAME = "bench_dense"
 

@@ -21,7 +21,7 @@ D=64 by default) and token budget b:
 q, k, v are random normal (see bench_sparse.py: the costs hold, selection
 quality does not matter here).
 
-    PYTHONPATH=. python benchmarks/bench_flex.py --lengths 8K,16K,32K --budgets 2K
+    python benchmarks/bench_flex.py --lengths 8K,16K,32K --budgets 2K
 
 Needs torch (the torch extra). Results: benchmarks/results/bench_flex.{json,md}.
 """
@@ -31,11 +31,12 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import dhsa, np  # noqa: E402
+import numpy as np
+
+import common
+import dhsa
+from dhsa import rules
 
 NAME = "bench_flex"
 
@@ -84,7 +85,7 @@ def flex_block_mask(torch, keep: np.ndarray, H: int, L: int, bs: int):
     rep = H // G
 
     def to_lists(flags):
-        flags = np.repeat(flags, rep, axis=1)                       # groups -> heads
+        flags = rules.expand_kv(flags, H)                           # groups -> heads
         num = flags.sum(axis=-1).astype(np.int32)
         order = np.argsort(~flags, axis=-1, kind="stable").astype(np.int32)
         return torch.from_numpy(num), torch.from_numpy(order)
@@ -93,7 +94,7 @@ def flex_block_mask(torch, keep: np.ndarray, H: int, L: int, bs: int):
     fn, fi = to_lists(full)
     keep_t = torch.from_numpy(keep.astype(bool))
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def mask_mod(b, h, q_idx, kv_idx):  # traced by torch: dhsa.rules' head map and causality
         return keep_t[b, h // rep, q_idx // bs, kv_idx] & (kv_idx <= q_idx)
 
     mask = BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=(bs, bs), mask_mod=mask_mod,

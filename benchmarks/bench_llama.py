@@ -26,9 +26,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (command_line, fmt_len, machine_info, parse_lengths, utc_now,  # noqa: E402
-                    write_results)
+from common import command_line, fmt_len, machine_info, parse_lengths, utc_now, write_results
 
 
 def main(argv=None) -> int:
@@ -51,9 +49,9 @@ def main(argv=None) -> int:
         print("bench_llama needs llama-cpp-python (pip install llama-cpp-python)",
               file=sys.stderr)
         return 2
-    from dhsa.eval import haystack_text
-    from dhsa.memory import peak_rss_mib
-    from dhsa.models import smollm2_gguf_path
+    from dhsa.harness.eval import haystack_text
+    from dhsa.harness.memory import peak_rss_mib
+    from dhsa.harness.models import smollm2_gguf_path
 
     path = str(smollm2_gguf_path())
     started = utc_now()

@@ -24,9 +24,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (command_line, fmt_len, machine_info, parse_lengths, utc_now,  # noqa: E402
-                    write_results)
+from common import command_line, fmt_len, machine_info, parse_lengths, utc_now, write_results
 
 EAGER_MAX = 8192  # eager materialises H x L x L scores per layer
 
@@ -40,9 +38,9 @@ def _child(spec: dict) -> dict:
 
     import dhsa
     from dhsa import patching
-    from dhsa.demo import _forward_kwargs
-    from dhsa.memory import peak_rss_mib as _peak_rss_mib, reset_peak_rss as _reset_peak_rss, rss_kib as _rss_kib
-    from dhsa.eval import haystack_text
+    from dhsa.harness.demo import _forward_kwargs
+    from dhsa.harness.memory import peak_rss_mib as _peak_rss_mib, reset_peak_rss as _reset_peak_rss, rss_kib as _rss_kib
+    from dhsa.harness.eval import haystack_text
 
     torch.set_num_threads(spec["threads"])
     model, tok = dhsa.load_smollm2()

@@ -22,8 +22,8 @@ q, k, v are random normal: the dynamic chunking then cuts small chunks (no
 structure to follow); the cost figures hold, the selection quality does not
 mean anything here.
 
-    PYTHONPATH=. python benchmarks/bench_sparse.py --quick
-    PYTHONPATH=. python benchmarks/bench_sparse.py --shapes 9/3/64 --lengths 4K,8K,16K,32K \\
+    python benchmarks/bench_sparse.py --quick
+    python benchmarks/bench_sparse.py --shapes 9/3/64 --lengths 4K,8K,16K,32K \\
         --budgets 2K --max-dense-len 32K
 """
 from __future__ import annotations
@@ -31,11 +31,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import dhsa, np  # noqa: E402
+import numpy as np
+
+import common
+import dhsa
 
 NAME = "bench_sparse"
 

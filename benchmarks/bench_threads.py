@@ -9,7 +9,7 @@ Reported: seconds, speed-up over the same method at 1 thread, parallel
 efficiency (speed-up / T), the ratio to torch at the same T, and the OpenBLAS
 sgemm rate at each T (the machine's ceiling).
 
-    PYTHONPATH=. python benchmarks/bench_threads.py --threads 1,2 --lengths 8K,16K
+    python benchmarks/bench_threads.py --threads 1,2 --lengths 8K,16K
 
 Results: benchmarks/results/bench_threads.{json,md} (or --out).
 """
@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import dhsa  # noqa: E402
+import common
+import dhsa
 
 NAME = "bench_threads"
 

@@ -3,19 +3,28 @@
 To add a command, add an entry to ``COMMANDS``: name -> (module, help), the
 module providing ``add_arguments(parser)`` and ``run(args) -> int``; or
 name -> ("module:prefix", help) for ``prefix_add_arguments`` / ``prefix_run``.
+The commands live in the research harness, :mod:`dhsa.harness`.
+
+A command whose options make a :class:`dhsa.DHSAConfig` sets the default
+``_config`` to a function ``args -> DHSAConfig``: it runs right after parsing
+and a config that is not valid ends in an argparse error (exit status 2)
+naming the option, before anything is loaded. The config is ``args.config``.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import Dict, List, Optional, Tuple
 
 COMMANDS: Dict[str, Tuple[str, str]] = {
-    "demo": ("dhsa.demo", "pass-key retrieval on SmolLM2: exact attention vs DHSA"),
-    "niah": ("dhsa.eval:niah", "needle in a haystack on SmolLM2 per method (JSON + heat maps)"),
-    "ppl": ("dhsa.eval:ppl", "perplexity of long text on SmolLM2 per method and budget"),
-    "recall": ("dhsa.eval:recall", "attention-mass recall and output error on real Q/K/V"),
+    "demo": ("dhsa.harness.demo", "pass-key retrieval on SmolLM2: exact attention vs DHSA"),
+    "niah": ("dhsa.harness.eval:niah",
+             "needle in a haystack on SmolLM2 per method (JSON + heat maps)"),
+    "ppl": ("dhsa.harness.eval:ppl", "perplexity of long text on SmolLM2 per method and budget"),
+    "recall": ("dhsa.harness.eval:recall",
+               "attention-mass recall and output error on real Q/K/V"),
 }
 
 
@@ -34,9 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, _parser=p)
         _entry(module)[0](p)
     return parser
+
+
+def _option_names(message: str) -> str:
+    """'DHSAConfig.block_size ...' -> '--block-size ...': the option, as typed."""
+    return re.sub(r"DHSAConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -45,6 +59,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    make = getattr(args, "_config", None)
+    if make is not None:
+        try:
+            args.config = make(args)
+        except (TypeError, ValueError) as exc:
+            args._parser.error(_option_names(str(exc)))  # exits with status 2
     return int(_entry(args._module)[1](args) or 0)
 
 

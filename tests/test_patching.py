@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dhsa  # noqa: E402
-from dhsa import patching  # noqa: E402
+from dhsa import patching, reference, rules  # noqa: E402
 
 SMALL = dhsa.DHSAConfig(budget=128, block_size=16, sink=8, local=32, boundary_window=8,
                         nms_radius=8)
@@ -69,7 +69,7 @@ def assert_close(a, b, tol=2e-5):
 
 
 def configs_of(model):
-    return patching._all_configs(model)
+    return patching.registry._all_configs(model)
 
 
 @pytest.fixture(autouse=True)
@@ -106,18 +106,18 @@ def test_kwargs_reach_the_core():
     scaling = query_pre_attn_scalar ** -0.5 (not head_dim ** -0.5)."""
     model = build("gemma2")
     seen = []
-    real = patching.dense_attention
+    real = patching.forward.dense_attention
 
     def spy(q, k, v, **kw):
         seen.append(kw)
         return real(q, k, v, **kw)
 
     handle = patching.patch(model, FULL)
-    patching.dense_attention = spy
+    patching.forward.dense_attention = spy
     try:
         logits(model, tokens(1, 100))
     finally:
-        patching.dense_attention = real
+        patching.forward.dense_attention = real
     assert len(seen) == 2
     assert [kw["window"] for kw in seen] == [64, None]
     assert all(kw["softcap"] == 5.0 for kw in seen)
@@ -254,7 +254,7 @@ def test_verify_catches_bypassing_modules():
 
     # attention modules that compute attention themselves
     model = build("llama")
-    for mod in patching._attention_modules(model).values():
+    for mod in patching.registry._attention_modules(model).values():
         def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kw):
             return torch.zeros_like(hidden_states), None
         mod.forward = types.MethodType(forward, mod)
@@ -383,12 +383,15 @@ def test_static_cache_generate():
     out = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
     assert torch.equal(out, ref)
     handle.verify()
+    prefill = [r for r in handle.stats if r.q_len == 40]
+    assert len(prefill) == 2 and all(r.k_len > 40 for r in prefill)
+    assert all("empty static cache slots" in r.reason.split(",") for r in prefill)
 
 
 def test_training_mode_dropout_raises():
     model = build("llama")
     model.config.attention_dropout = 0.1
-    for mod in patching._attention_modules(model).values():
+    for mod in patching.registry._attention_modules(model).values():
         mod.attention_dropout = 0.1
     patching.patch(model, SMALL)
     model.train()
@@ -402,17 +405,58 @@ def test_mask_analysis_spans():
     causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
     left = causal.clone()
     left[:, :2] = False  # two padding keys on the left
-    spans = patching._spans_of(torch.stack([causal, left]), None)
+    spans = patching.masks._spans_of(torch.stack([causal, left]), None)
     assert spans == [(0, 6, 0, 6), (2, 6, 2, 6)]
     right = causal.clone()
     right[:, 4:] = False
-    assert patching._spans_of(right[None], None) == [(0, 4, 0, 4)]
+    assert patching.masks._spans_of(right[None], None) == [(0, 4, 0, 4)]
     hole = causal.clone()
     hole[:, 2] = False  # a padding key in the middle: not a span
-    assert patching._spans_of(hole[None], None) is None
+    assert patching.masks._spans_of(hole[None], None) is None
     window = causal & ~torch.tril(torch.ones(L, L, dtype=torch.bool), diagonal=-3)
-    assert patching._spans_of(window[None], 3) == [(0, 6, 0, 6)]
-    assert patching._spans_of(window[None], None) is None
+    assert patching.masks._spans_of(window[None], 3) == [(0, 6, 0, 6)]
+    assert patching.masks._spans_of(window[None], None) is None
     decode = torch.ones(1, 1, 8, dtype=torch.bool)
     decode[..., :3] = False
-    assert patching._spans_of(decode, None) == [(3, 8, 0, 1)]
+    assert patching.masks._spans_of(decode, None) == [(3, 8, 0, 1)]
+
+
+def _qkv(Lq: int, Lk: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, 4, Lq, 16, generator=g), torch.randn(1, 2, Lk, 16, generator=g),
+            torch.randn(1, 2, Lk, 16, generator=g))
+
+
+def test_no_mask_with_more_keys_is_never_silent():
+    """No mask, Lk > Lq (causal, Lq > 1): transformers' prefill into an empty
+    StaticCache (queries at 0..Lq-1) only when the slots past Lq are all zero,
+    and the record says so; keys past Lq that hold anything raise."""
+    model = build("llama")
+    handle = patching.patch(model, FULL)
+    mod = patching.registry._attention_modules(model)["model.layers.0.self_attn"]
+    q, k, v = _qkv(20, 32)
+    k[:, :, 20:] = 0.0  # the unwritten slots of a fresh StaticCache
+    v[:, :, 20:] = 0.0
+    out, _ = patching.dhsa_attention_forward(mod, q, k, v, None)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :20], v[:, :, :20],
+                                                           is_causal=True, enable_gqa=True)
+    assert_close(out.transpose(1, 2), ref, 1e-6)
+    (rec,) = handle.stats
+    assert rec.k_len == 32 and "empty static cache slots" in rec.reason.split(",")
+
+    k[:, :, 25, 3] = 1.0  # one key past Lq is not empty: no silent reading
+    with pytest.raises(ValueError, match="no attention mask and 32 keys for 20 queries"):
+        patching.dhsa_attention_forward(mod, q, k, v, None)
+    v[:, :, 25, 3] = 0.0
+    k[:, :, 25, 3] = 0.0
+    v[:, :, 31, 0] = 2.0  # a value alone is enough
+    with pytest.raises(ValueError, match="not empty"):
+        patching.dhsa_attention_forward(mod, q, k, v, None)
+
+    # with a mask the queries are the last Lq positions and every key counts
+    q, k, v = _qkv(20, 32, seed=1)
+    mask = torch.from_numpy(rules.visible_mask(20, 32))[None, None]
+    out, _ = patching.dhsa_attention_forward(mod, q, k, v, mask)
+    want = reference.dense_attention(q.numpy(), k.numpy(), v.numpy())
+    assert_close(out.transpose(1, 2), torch.from_numpy(want).float(), 1e-5)
+    assert handle.stats[-1].reason == "fits budget"

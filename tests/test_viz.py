@@ -1,11 +1,11 @@
-"""dhsa.viz: every picture builds headless and shows what it claims."""
+"""dhsa.harness.viz: every picture builds headless and shows what it claims."""
 import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
 import dhsa  # noqa: E402
-from dhsa import viz  # noqa: E402
-from dhsa.eval import niah_score, rouge1_f1, NEEDLE  # noqa: E402
+from dhsa.harness import viz  # noqa: E402
+from dhsa.harness.eval import niah_score, rouge1_f1, NEEDLE  # noqa: E402
 
 
 @pytest.fixture

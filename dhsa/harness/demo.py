@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .cli import add_config_options, config_changes
 from .memory import peak_rss_mib, reset_peak_rss, rss_kib
 
 __all__ = ["add_arguments", "build_prompt", "filler_sentences", "greedy_generate",
@@ -130,11 +131,7 @@ def build_prompt(tokenizer, context: int, passkey: str, depth: float = 0.5, seed
     return ids, (len(pre), len(upto))
 
 
-# ------------------------------------------------------------------ memory, generation
-
-# kept under their old names for scripts that import them from here
-_reset_peak_rss, _rss_kib, _peak_rss_mib = reset_peak_rss, rss_kib, peak_rss_mib
-
+# ------------------------------------------------------------------ generation
 
 def _forward_kwargs(model) -> Tuple[str, Optional[str]]:
     """(name of the cache argument, name of the logits-to-keep argument or None) of
@@ -156,8 +153,8 @@ def greedy_generate(model, input_ids, max_new_tokens: int = 12, eos_token_id=Non
 
     eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else
               [eos_token_id] if eos_token_id is not None else [])
-    rss0 = (_rss_kib("VmRSS") or 0) / 1024.0
-    reset = _reset_peak_rss()
+    rss0 = (rss_kib("VmRSS") or 0) / 1024.0
+    reset = reset_peak_rss()
     cache_arg, keep_arg = _forward_kwargs(model)
     extra = {keep_arg: 1} if keep_arg else {}
 
@@ -169,7 +166,7 @@ def greedy_generate(model, input_ids, max_new_tokens: int = 12, eos_token_id=Non
         t0 = time.perf_counter()
         out = model(input_ids=input_ids, use_cache=True, **extra)
         t1 = time.perf_counter()
-        peak = _peak_rss_mib()
+        peak = peak_rss_mib()
         cache = cache_of(out)
         tok = int(out.logits[0, -1].argmax())
         tokens = [tok]
@@ -264,7 +261,7 @@ def run_demo(context: int = 2048, budget: int = 512, *, haystack_dir: Optional[s
     import torch
 
     import dhsa
-    from . import patching
+    from .. import patching
     from .models import load_smollm2
 
     clock = _Clock()
@@ -375,30 +372,30 @@ def _print_report(r: Dict) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=2048, help="prompt length in tokens (default 2048)")
-    p.add_argument("--budget", type=int, default=512, help="DHSA keys per query block (default 512)")
+    p.add_argument("--budget", type=int, default=512,
+                   help="DHSA keys per query block, at least sink + local + block size "
+                        "(default 512)")
     p.add_argument("--haystack-dir", default=None,
                    help="use the .txt files of this folder as filler (e.g. Paul Graham essays)")
     p.add_argument("--out", default="out/demo", help="folder for results.json and the picture")
     p.add_argument("--depth", type=float, default=0.5, help="where the pass key sits, 0..1")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the pass key and of the filler text (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=12,
+                   help="tokens to generate for the answer (default 12)")
     p.add_argument("--layer", type=int, default=None, help="layer to picture (default: middle)")
-    p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--sink", type=int, default=None)
-    p.add_argument("--local", type=int, default=None)
-    p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--granularity", choices=("layer", "kv_head", "query_head"), default=None)
-    p.add_argument("--dense-layers", type=int, default=0,
-                   help="keep the first N layers exact (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="threads of the C core")
+    add_config_options(p)
+    p.set_defaults(_config=config_from_args)
+
+
+def config_from_args(args: argparse.Namespace):
+    """The DHSAConfig the options describe (ValueError / TypeError if invalid)."""
+    import dhsa
+    return dhsa.DHSAConfig(budget=args.budget, **config_changes(args))
 
 
 def run(args: argparse.Namespace) -> int:
-    import dhsa
-    changes = {k: v for k, v in (("block_size", args.block_size), ("sink", args.sink),
-                                 ("local", args.local), ("threshold", args.threshold),
-                                 ("granularity", args.granularity)) if v is not None}
-    cfg = dhsa.DHSAConfig(budget=args.budget, **changes)
+    cfg = getattr(args, "config", None) or config_from_args(args)
     res = run_demo(args.context, args.budget, haystack_dir=args.haystack_dir, out=args.out,
                    depth=args.depth, seed=args.seed, max_new_tokens=args.max_new_tokens,
                    config=cfg, layer=args.layer, num_threads=args.threads,

@@ -83,7 +83,7 @@ def load_smollm2(dtype=None, attn_implementation: str = "sdpa", *, verbose: bool
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if attn_implementation == "dhsa":
-        from . import patching  # noqa: F401  (registers "dhsa")
+        from .. import patching  # noqa: F401  (registers "dhsa")
     if dtype is None:
         dtype = torch.float32
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ def _plt():
     try:
         import matplotlib
     except ImportError as e:  # pragma: no cover - exercised without the extra
-        raise ImportError("dhsa.viz needs matplotlib: pip install 'dhsa[viz]'") from e
+        raise ImportError("dhsa.harness.viz needs matplotlib: pip install 'dhsa[viz]'") from e
     if not os.environ.get("DISPLAY") and "inline" not in matplotlib.get_backend().lower():
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -123,7 +123,7 @@ def plot_chunk_scores(selection, *, batch: int = 0, group: int = 0, title: str =
 def plot_recall_curves(rows: Iterable[Mapping], *, x: str = "budget", y: str = "recall",
                        by: str = "method", title: str = ""):
     """Mean ``y`` vs ``x`` per ``by`` (e.g. recall vs budget per method) from
-    records such as those of ``dhsa.eval.run_recall``."""
+    records such as those of ``dhsa.harness.eval.run_recall``."""
     plt = _plt()
     rows = list(rows)
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)

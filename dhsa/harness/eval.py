@@ -7,6 +7,7 @@ Command line: ``python -m dhsa niah | ppl | recall`` (``--help`` on each).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .config import DHSAConfig
+from ..config import GRANULARITIES, DHSAConfig
+from .cli import add_config_options, config_changes
 
 __all__ = ["NEEDLE", "QUESTION", "ANSWER_PREFIX", "rouge1_f1", "niah_score", "haystack_text",
            "build_niah_prompt", "method_config", "run_niah", "run_ppl", "run_recall"]
@@ -136,7 +138,7 @@ def _generate(model, ids, max_new_tokens: int) -> List[int]:
 def _with_method(model, method: str, budget: int, base: Optional[DHSAConfig], fn,
                  dense_layers: int = 0, **patch_kw):
     """Run fn() with the model patched for ``method`` (dense: unpatched)."""
-    from . import patching
+    from .. import patching
     cfg = method_config(method, budget, base)
     if cfg is None:
         return fn(), None
@@ -150,8 +152,10 @@ def _with_method(model, method: str, budget: int, base: Optional[DHSAConfig], fn
 def run_niah(model, tokenizer, *, methods: Sequence[str], lengths: Sequence[int],
              depths: Sequence[float], budget: int, haystack_dir: Optional[str] = None,
              base: Optional[DHSAConfig] = None, max_new_tokens: int = 24,
-             oracle_max_len: int = 2048, dense_layers: int = 0, log=print) -> List[Dict]:
-    """Every (method, length, depth) cell: answer, score 0-10, density, time."""
+             oracle_max_len: int = 2048, dense_layers: int = 0,
+             num_threads: Optional[int] = None, log=print) -> List[Dict]:
+    """Every (method, length, depth) cell: answer, score 0-10, density, time.
+    ``num_threads``: threads of the C core (default: all cores)."""
     hay = haystack_text(haystack_dir, n_chars=8 * max(lengths) + 10_000)
     cells = []
     for L in lengths:
@@ -163,7 +167,7 @@ def run_niah(model, tokenizer, *, methods: Sequence[str], lengths: Sequence[int]
                 t = time.perf_counter()
                 toks, density = _with_method(model, m, budget, base,
                                              lambda: _generate(model, ids, max_new_tokens),
-                                             dense_layers=dense_layers)
+                                             dense_layers=dense_layers, num_threads=num_threads)
                 dt = time.perf_counter() - t
                 answer = " ".join(tokenizer.decode(toks, skip_special_tokens=True).split())
                 cell = {"method": m, "length": int(ids.shape[1]), "target_length": L,
@@ -178,8 +182,10 @@ def run_niah(model, tokenizer, *, methods: Sequence[str], lengths: Sequence[int]
 
 def run_ppl(model, tokenizer, *, methods: Sequence[str], budgets: Sequence[int], length: int,
             haystack_dir: Optional[str] = None, base: Optional[DHSAConfig] = None,
-            dense_layers: int = 0, log=print) -> List[Dict]:
-    """Perplexity of ``length`` tokens of long text per method and budget."""
+            dense_layers: int = 0, num_threads: Optional[int] = None,
+            log=print) -> List[Dict]:
+    """Perplexity of ``length`` tokens of long text per method and budget.
+    ``num_threads``: threads of the C core (default: all cores)."""
     import torch
     text = haystack_text(haystack_dir, n_chars=8 * length + 10_000)
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :length]
@@ -195,7 +201,8 @@ def run_ppl(model, tokenizer, *, methods: Sequence[str], budgets: Sequence[int],
             if m == "oracle" and ids.shape[1] > 2048:
                 continue
             t = time.perf_counter()
-            loss, density = _with_method(model, m, b or 0, base, nll, dense_layers=dense_layers)
+            loss, density = _with_method(model, m, b or 0, base, nll, dense_layers=dense_layers,
+                                         num_threads=num_threads)
             rows.append({"method": m, "budget": b, "length": int(ids.shape[1]), "nll": loss,
                          "ppl": math.exp(loss), "density": density,
                          "seconds": time.perf_counter() - t})
@@ -210,11 +217,11 @@ def run_ppl(model, tokenizer, *, methods: Sequence[str], budgets: Sequence[int],
 def run_recall(model, tokenizer, *, methods: Sequence[str], budgets: Sequence[int],
                length: int, haystack_dir: Optional[str] = None,
                base: Optional[DHSAConfig] = None, layers: Optional[Sequence[int]] = None,
-               log=print) -> List[Dict]:
+               num_threads: Optional[int] = None, log=print) -> List[Dict]:
     """Attention-mass recall and output error per method, budget and layer
-    on real Q/K/V (captured once)."""
-    from .analysis import capture_qkv, dense_probabilities, output_error, recall_from_probabilities
-    from .api import predict_selection
+    on real Q/K/V (captured once). ``num_threads``: threads of the C core."""
+    from ..analysis import capture_qkv, dense_probabilities, output_error, recall_from_probabilities
+    from ..api import predict_selection
     text = haystack_text(haystack_dir, n_chars=8 * length + 10_000)
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :length]
     cap = capture_qkv(model, ids, layers=layers)
@@ -228,10 +235,10 @@ def run_recall(model, tokenizer, *, methods: Sequence[str], budgets: Sequence[in
             for b in budgets:
                 cfg = method_config(m, b, base)
                 sel = predict_selection(q, k, cfg, scale=kw.get("scaling"),
-                                        softcap=kw.get("softcap"))
+                                        softcap=kw.get("softcap"), num_threads=num_threads)
                 rec = recall_from_probabilities(P, sel)
                 err = output_error(q, k, v, sel, scale=kw.get("scaling"),
-                                   softcap=kw.get("softcap"))
+                                   softcap=kw.get("softcap"), num_threads=num_threads)
                 rows.append({"layer": li, "method": m, "budget": b, "length": int(ids.shape[1]),
                              "recall": float(rec.mean()), "recall_min_head": float(rec.min()),
                              "output_error": float(err.mean()), "density": sel.density})
@@ -241,24 +248,33 @@ def run_recall(model, tokenizer, *, methods: Sequence[str], budgets: Sequence[in
 
 # ---- command line ----------------------------------------------------------
 
-def _common(p: argparse.ArgumentParser, budgets: bool = True) -> None:
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="methods to compare (default: all; dense is exact attention)")
     p.add_argument("--haystack-dir", default=None,
                    help="directory of .txt essays (default: generated filler text)")
     p.add_argument("--out", default="dhsa_eval", help="output directory")
-    p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--sink", type=int, default=None)
-    p.add_argument("--local", type=int, default=None)
-    p.add_argument("--granularity", default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--dense-layers", type=int, default=0,
-                   help="keep the first N layers exact under every sparse method")
+    add_config_options(p, threshold=False)
+    p.set_defaults(_config=_base)
 
 
 def _base(args) -> DHSAConfig:
-    kw = {k: getattr(args, k) for k in ("block_size", "sink", "local", "granularity")
-          if getattr(args, k) is not None}
-    return DHSAConfig(**kw)
+    """The base DHSAConfig of the options, checked at every budget the command uses."""
+    base = DHSAConfig(**config_changes(args))
+    budgets = getattr(args, "budgets", None) or [getattr(args, "budget", base.budget)]
+    for b in budgets:
+        try:
+            base.replace(budget=b)  # the budget must hold the keys every block keeps
+        except ValueError as exc:
+            if getattr(args, "budgets", None):
+                raise ValueError(f"--budgets {b}: {exc}") from None
+            raise
+    return base
+
+
+def _config(args) -> DHSAConfig:
+    """args.config when ``python -m dhsa`` made it, else from the options."""
+    return getattr(args, "config", None) or _base(args)
 
 
 def _save(out: str, name: str, doc: Dict) -> Path:
@@ -281,23 +297,29 @@ def _meta(args) -> Dict:
     return {"command": " ".join(["python -m dhsa"] + sys.argv[1:]),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": f"{cpu} ({platform.machine()}, {os.cpu_count()} cores), {platform.platform()}",
-            "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+            "args": {k: dataclasses.asdict(v) if isinstance(v, DHSAConfig) else v
+                     for k, v in vars(args).items() if not k.startswith("_")}}
 
 
 def niah_add_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    p.add_argument("--budget", type=int, default=1024)
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
+                   help="prompt lengths in tokens")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="where the needle sits, 0..1")
+    p.add_argument("--budget", type=int, default=1024,
+                   help="keys per query block of the sparse methods (default 1024)")
+    p.add_argument("--max-new-tokens", type=int, default=24,
+                   help="tokens to generate for each answer (default 24)")
 
 
 def niah_run(args) -> int:
     from .models import load_smollm2
     model, tok = load_smollm2()
     cells = run_niah(model, tok, methods=args.methods, lengths=args.lengths, depths=args.depths,
-                     budget=args.budget, haystack_dir=args.haystack_dir, base=_base(args),
-                     max_new_tokens=args.max_new_tokens, dense_layers=args.dense_layers)
+                     budget=args.budget, haystack_dir=args.haystack_dir, base=_config(args),
+                     max_new_tokens=args.max_new_tokens, dense_layers=args.dense_layers,
+                     num_threads=args.threads)
     f = _save(args.out, "niah", {**_meta(args), "cells": cells})
     print(f"wrote {f}")
     try:
@@ -315,32 +337,36 @@ def niah_run(args) -> int:
 
 def ppl_add_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--length", type=int, default=8192)
-    p.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--length", type=int, default=8192, help="tokens of text (default 8192)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048],
+                   help="keys per query block of the sparse methods")
 
 
 def ppl_run(args) -> int:
     from .models import load_smollm2
     model, tok = load_smollm2()
     rows = run_ppl(model, tok, methods=args.methods, budgets=args.budgets, length=args.length,
-                   haystack_dir=args.haystack_dir, base=_base(args),
-                   dense_layers=args.dense_layers)
+                   haystack_dir=args.haystack_dir, base=_config(args),
+                   dense_layers=args.dense_layers, num_threads=args.threads)
     print(f"wrote {_save(args.out, 'ppl', {**_meta(args), 'rows': rows})}")
     return 0
 
 
 def recall_add_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--length", type=int, default=4096)
-    p.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024, 2048])
-    p.add_argument("--layers", type=int, nargs="+", default=None)
+    p.add_argument("--length", type=int, default=4096, help="tokens of text (default 4096)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024, 2048],
+                   help="keys per query block of the sparse methods")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="layers to measure (default: all)")
 
 
 def recall_run(args) -> int:
     from .models import load_smollm2
     model, tok = load_smollm2()
     rows = run_recall(model, tok, methods=args.methods, budgets=args.budgets, length=args.length,
-                      haystack_dir=args.haystack_dir, base=_base(args), layers=args.layers)
+                      haystack_dir=args.haystack_dir, base=_config(args), layers=args.layers,
+                      num_threads=args.threads)
     print(f"wrote {_save(args.out, 'recall', {**_meta(args), 'rows': rows})}")
     for m in sorted({r["method"] for r in rows}):
         for b in args.budgets:
