@@ -1,0 +1,806 @@
+"""Render the README's result tables and numbers from benchmarks/results/.
+
+The README holds generated blocks between markers::
+
+    <!-- rendered: bench_dense -->
+    ... (written by this script) ...
+    <!-- /rendered -->
+
+Each block name maps to one function below that reads the results files
+(``benchmarks/results/*.json``, ``accuracy/*.json`` and ``reliability.md``)
+and returns the block's Markdown: the table or sentences and a source line
+naming the file, its command, machine, date and git commit. The output is a
+pure function of those files (no clock, no git, no environment), so
+``tests/test_readme.py`` can check it.
+
+    python benchmarks/render_readme.py            # rewrite README.md's blocks
+    python benchmarks/render_readme.py --check    # exit 1 with a diff if they differ
+
+``--readme`` and ``--results`` point elsewhere (the test renders a copy).
+Standard library only: it imports neither dhsa nor NumPy.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+MINUS = "\u2212"
+
+BLOCK = re.compile(r"(<!-- rendered: ([a-z0-9_]+) -->\n)(.*?)(<!-- /rendered -->)", re.S)
+
+
+# ----------------------------------------------------------------------------
+# the results files
+# ----------------------------------------------------------------------------
+
+class Results:
+    """The files under one results folder, each read once."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._cache: Dict[str, object] = {}
+
+    def json(self, name: str) -> dict:
+        """``name`` relative to the folder, without ``.json``."""
+        if name not in self._cache:
+            path = self.folder / f"{name}.json"
+            if not path.exists():
+                raise FileNotFoundError(f"results file missing: {path}")
+            self._cache[name] = json.loads(path.read_text())
+        return self._cache[name]  # type: ignore[return-value]
+
+    def names(self, pattern: str) -> List[str]:
+        """The stems of the JSON files matching a glob, sorted."""
+        return sorted(p.relative_to(self.folder).with_suffix("").as_posix()
+                      for p in self.folder.glob(f"{pattern}.json"))
+
+    def text(self, name: str) -> str:
+        path = self.folder / name
+        if not path.exists():
+            raise FileNotFoundError(f"results file missing: {path}")
+        return path.read_text()
+
+
+# ----------------------------------------------------------------------------
+# formatting
+# ----------------------------------------------------------------------------
+
+def neg(s: str) -> str:
+    """A typographic minus sign."""
+    return s.replace("-", MINUS)
+
+
+def f(x: float, nd: int) -> str:
+    return neg(f"{x:.{nd}f}")
+
+
+def ms(x: float) -> str:
+    """Milliseconds (or seconds) to about three significant digits."""
+    return f(x, 1) if abs(x) < 100 else f(x, 0)
+
+
+def sec(x: float) -> str:
+    return f(x, 2) if abs(x) < 100 else f(x, 1)
+
+
+def opt(fmt: Callable[[float], str], x: Optional[float]) -> str:
+    """fmt(x), or a dash where the file has no value (a skipped method)."""
+    return "–" if x is None else fmt(x)
+
+
+def times(x: float, nd: int = 2) -> str:
+    return f"{f(x, nd)}×"
+
+
+def pct(x: float, nd: int = 0, sign: bool = True) -> str:
+    """x already in percent."""
+    return neg(f"{x:+.{nd}f}%" if sign else f"{x:.{nd}f}%")
+
+
+def share(x: float) -> str:
+    """A fraction as a percentage with one decimal."""
+    return f"{100.0 * x:.1f}%"
+
+
+def klen(n: int) -> str:
+    """2048 -> 2K."""
+    return f"{n // 1024}K" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+def span(values: Sequence[float], fmt: Callable[[float], str], unit: str = "") -> str:
+    """'a–b' of the smallest and largest value (one value: just it)."""
+    lo, hi = fmt(min(values)), fmt(max(values))
+    return f"{lo}{unit}" if lo == hi else f"{lo}–{hi}{unit}"
+
+
+def listing(items: Sequence[str]) -> str:
+    items = list(items)
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]],
+          align: Optional[str] = None) -> str:
+    """A Markdown table; align is one 'l' / 'r' per column (default: first l)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    out = ["| " + " | ".join(headers) + " |",
+           "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------
+# provenance: command, machine, date, commit
+# ----------------------------------------------------------------------------
+
+def _cpu_name(model: str) -> str:
+    name = re.sub(r"\((R|TM)\)", "", model or "unknown CPU")
+    name = re.sub(r"\b(Processor|CPU)\b", "", name)
+    name = re.sub(r"@.*", "", name)
+    return " ".join(name.split())
+
+
+def machine_short(machine) -> str:
+    """'2-CPU Intel Xeon with AVX-512' (or the recorded string as it is)."""
+    if not isinstance(machine, dict):
+        return str(machine)
+    cpu = machine.get("cpu") or {}
+    flags = cpu.get("flags") or []
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{cpu.get('logical_cpus')}-CPU {_cpu_name(cpu.get('model'))} with {isa}"
+
+
+def machine_long(machine) -> str:
+    if not isinstance(machine, dict):
+        return str(machine)
+    build = machine.get("dhsa_build") or {}
+    parts = [machine_short(machine), f"dhsa SIMD path {build.get('simd_path')}",
+             f"Python {machine.get('python')}", f"NumPy {machine.get('numpy')}"]
+    if machine.get("torch"):
+        parts.append(f"torch {machine['torch']}")
+    for key, label in (("llama_cpp_python", "llama-cpp-python"),
+                       ("transformers", "transformers")):
+        if machine.get(key):
+            parts.append(f"{label} {machine[key]}")
+    return ", ".join(parts)
+
+
+def commit_of(doc: dict) -> str:
+    machine = doc.get("machine")
+    git = machine.get("git") if isinstance(machine, dict) else doc.get("git")
+    if not git or not git.get("commit"):
+        return "commit not recorded"
+    text = f"commit `{git['commit'][:7]}`"
+    if git.get("core_sources_modified"):
+        text += " with uncommitted changes to csrc/ or dhsa/"
+    return text
+
+
+def date_of(doc: dict) -> str:
+    stamp = doc.get("started_utc") or doc.get("date_utc") or ""
+    m = re.match(r"(\d{4}-\d\d-\d\d)T(\d\d:\d\d)", stamp)
+    return f"{m.group(1)} {m.group(2)} UTC" if m else "date not recorded"
+
+
+def day_of(doc: dict) -> str:
+    return date_of(doc)[:10]
+
+
+def source(res: Results, name: str) -> str:
+    doc = res.json(name)
+    return (f"`benchmarks/results/{name}.json`: {date_of(doc)}, {commit_of(doc)}, "
+            f"{machine_long(doc.get('machine'))}; "
+            f"`{doc.get('command', 'command not recorded')}`")
+
+
+def sources(res: Results, names: Sequence[str]) -> str:
+    """One small-print source line per file, under a table."""
+    return "<br>\n".join(f"<sub>Source: {source(res, n)}</sub>" for n in names)
+
+
+# ----------------------------------------------------------------------------
+# the speed section
+# ----------------------------------------------------------------------------
+
+SPEED_FILES = ["bench_dense", "bench_sparse", "bench_sparse_long", "bench_sparse_128k_warm",
+               "bench_flex", "bench_model", "bench_threads"]
+
+
+def _sgemm_rates(doc: dict) -> Dict[int, float]:
+    """The OpenBLAS sgemm rate(s) a benchmark measured, by thread count."""
+    cfg = doc.get("config") or {}
+    if isinstance(doc.get("sgemm_gflops_by_threads"), dict):
+        return {int(k): v for k, v in doc["sgemm_gflops_by_threads"].items()}
+    if isinstance(doc.get("sgemm_peak"), dict):
+        return {int(doc["sgemm_peak"]["threads"]): doc["sgemm_peak"]["best_gflops"]}
+    rate = cfg.get("sgemm_gflops")
+    if isinstance(rate, dict):
+        return {int(k): v for k, v in rate.items()}
+    if isinstance(rate, (int, float)):
+        return {int(cfg.get("threads")): rate}
+    return {}
+
+
+def block_speed_header(res: Results) -> str:
+    docs = [res.json(n) for n in SPEED_FILES] + [res.json(n) for n in res.names("bench_llama*")]
+    machines = sorted({machine_short(d.get("machine")) for d in docs})
+    days = sorted({day_of(d) for d in docs})
+    where = machines[0] if len(machines) == 1 else "; ".join(machines)
+    when = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+    return f"## Speed ({where}, {when})\n"
+
+
+def block_speed_intro(res: Results) -> str:
+    dense = res.json("bench_dense")
+    threads = sorted({r["threads"] for r in dense["rows"]})
+    rates = [rate for n in SPEED_FILES for t, rate in _sgemm_rates(res.json(n)).items()
+             if t in threads]
+    tl = "/".join(str(t) for t in threads)
+    rate = span(rates, lambda x: f"{x:.0f}")
+    return (f"Every figure compares against PyTorch measured side by side in the same run:\n"
+            f"`torch.nn.functional.scaled_dot_product_attention` (torch "
+            f"{dense['machine'].get('torch')}, the same\n{tl} threads, causal, GQA) for the op, "
+            f"and Hugging Face `sdpa` / `eager` for the model.\nTimes are the best of the timed "
+            f"calls. GFLOP/s count the useful causal work (4·H·D·pairs) against\nthis machine's "
+            f"OpenBLAS sgemm rate, measured in the same run ({rate} GFLOP/s on {tl} threads\n"
+            f"in these runs).\n")
+
+
+def block_bench_dense(res: Results) -> str:
+    doc = res.json("bench_dense")
+    rows = []
+    for r in doc["rows"]:
+        rows.append([f"H={r['H']}, Hkv={r['Hkv']}, D={r['D']}", klen(r["L"]),
+                     ms(r["dhsa_ms"]), opt(ms, r.get("torch_ms")),
+                     opt(times, r.get("speedup_vs_torch")),
+                     f"{r['dhsa_gflops']:.0f}", f"{r['dhsa_frac_sgemm']:.2f}"])
+    batch = "/".join(str(b) for b in sorted({r["B"] for r in doc["rows"]}))
+    threads = "/".join(str(t) for t in sorted({r["threads"] for r in doc["rows"]}))
+    rate = "/".join(f"{v:.1f}" for v in _sgemm_rates(doc).values())
+    head = (f"**Dense kernel** against torch, causal, B={batch}, {threads} threads (share of "
+            f"sgemm:\ndhsa GFLOP/s over the best sgemm rate of the run, {rate} GFLOP/s):\n\n")
+    return head + table(["shape", "L", "dhsa ms", "torch ms", "torch ms ÷ dhsa ms",
+                         "dhsa GFLOP/s", "share of sgemm"], rows, "lrrrrrr") + \
+        "\n\n" + sources(res, ["bench_dense"]) + "\n"
+
+
+SPARSE_FILES = ["bench_sparse", "bench_sparse_long", "bench_sparse_128k_warm"]
+
+
+def _calls(doc: dict) -> str:
+    cfg = doc.get("config") or {}
+    rep, warm = cfg.get("repeats"), cfg.get("warmup")
+    if rep == 1 and not warm:
+        return "1 cold call"
+    return f"best of {rep}" + (f", {warm} warm-up" if warm else "")
+
+
+def block_bench_sparse(res: Results) -> str:
+    shapes = sorted({(r["H"], r["Hkv"], r["D"])
+                     for n in SPARSE_FILES for r in res.json(n)["rows"]})
+    lead = (f"**DHSA** (prediction + sparse attention) against torch, "
+            f"{', '.join(f'H={h}, Hkv={kv}, D={d}' for h, kv, d in shapes)}\n"
+            f"(`bench_sparse.py`, three runs: {listing(f'`{n}`' for n in SPARSE_FILES)}):\n\n")
+    rows = []
+    for name in SPARSE_FILES:
+        doc = res.json(name)
+        for r in doc["rows"]:
+            torch_ms = r.get("torch_ms")
+            x = r.get("speedup_vs_torch") or (torch_ms / r["dhsa_ms"] if torch_ms else None)
+            rows.append([klen(r["L"]), klen(r["budget"]), f"{r['density']:.3f}",
+                         f"{r['ideal_speedup']:.1f}", ms(r["dhsa_ms"]), share(r["predict_share"]),
+                         ms(torch_ms) if torch_ms else "–", f"{x:.2f}" if x else "–",
+                         f"{100 * x / r['ideal_speedup']:.0f}%" if x else "–", _calls(doc)])
+    headers = ["L", "budget", "density", "ideal ×", "DHSA ms", "predict share", "torch ms",
+               "× vs torch", "× vs torch ÷ ideal", "calls"]
+    return (lead + table(headers, rows, "rrrrrrrrrl") + "\n\n"
+            + sources(res, SPARSE_FILES) + "\n")
+
+
+def block_sparse_notes(res: Results) -> str:
+    main, long_, warm = (res.json(n) for n in SPARSE_FILES)
+    budget = max(r["budget"] for r in main["rows"])
+    cold = {r["L"]: r for r in long_["rows"] if r["budget"] == budget}
+    shares = [f"{share(r['predict_share'])} at {klen(r['L'])}"
+              for r in main["rows"] if r["budget"] == budget]
+    shares += [f"{share(r['predict_share'])} at {klen(L)} (cold)" for L, r in sorted(cold.items())]
+    out = [f"At budget {klen(budget)} prediction takes {listing(shares)} of the DHSA call."]
+    for w in warm["rows"]:
+        c = cold.get(w["L"])
+        line = (f"Warm calls at {klen(w['L'])} (`bench_sparse_128k_warm`, {_calls(warm)}) take "
+                f"{sec(w['dhsa_ms'] / 1000)} s, {share(w['predict_share'])} of it prediction")
+        if c and c.get("torch_ms"):
+            line += (f"; torch at that length ({_calls(long_)}) took "
+                     f"{sec(c['torch_ms'] / 1000)} s, {times(c['torch_ms'] / w['dhsa_ms'], 1)} "
+                     f"the warm DHSA time")
+        out.append(line + ".")
+    mem = defaultdict(dict)
+    for m in main.get("memory") or []:
+        mem[m["L"]][m["method"]] = m
+    for L, by in sorted(mem.items()):
+        dh = next((m for k, m in by.items() if k.startswith("dhsa")), None)
+        pr = next((m for k, m in by.items() if k.startswith("predict")), None)
+        if not dh:
+            continue
+        parts = [f"At {klen(L)} one DHSA call ({dh['method'].split()[-1]}) needs "
+                 f"{dh['call_peak_extra_mib']:.1f} MiB beyond its inputs (the "
+                 f"{dh['output_mib']:.1f} MiB output included)"]
+        if pr:
+            parts.append(f"the prediction alone {pr['call_peak_extra_mib']:.1f} MiB")
+        for k in ("dense", "torch"):
+            if k in by:
+                parts.append(f"{k} {by[k]['call_peak_extra_mib']:.1f} MiB")
+        out.append(", ".join(parts) + ".")
+    return "\n".join(out) + "\n"
+
+
+def block_bench_flex(res: Results) -> str:
+    doc = res.json("bench_flex")
+    rs = doc["rows"]
+    rows = [[klen(r["L"]), f"{r['density']:.3f}", f"{r['flex_work_ratio']:.2f}",
+             f"{r['dhsa_attention_s']:.3f}", f"{r['flex_sparse_s']:.3f}",
+             f"{r['flex_over_dhsa']:.1f}", f"{r['compile_sparse_s']:.1f}",
+             f"{r['flex_dense_s']:.3f}", f"{r['sdpa_s']:.3f}"] for r in rs]
+    err = max(r["max_rel_err_vs_dhsa"] for r in rs)
+    budgets = "/".join(klen(b) for b in sorted({r["budget"] for r in rs}))
+    head = (f"The outputs agree to {err:.1e} (largest relative difference), so both kernels do "
+            f"the same job (budget {budgets}):\n\n")
+    def spread(key, nd):
+        return span([key(r) for r in rs], lambda x: f"{x:.{nd}f}")
+
+    tail = (f"FlexAttention visits whole blocks, which here means "
+            f"{spread(lambda r: r['flex_work_ratio'], 1)}× the selected pairs\n(DHSA's chunks "
+            f"are {_chunk_range(res)} keys long). It also reaches only "
+            f"{spread(lambda r: r['flex_sparse_gflops'], 0)} GFLOP/s of useful work\non this "
+            f"CPU, against DHSA's {spread(lambda r: r['dhsa_attention_gflops'], 0)}. Its dense "
+            f"causal path takes {spread(lambda r: r['flex_dense_s'] / r['sdpa_s'], 1)}× "
+            f"SDPA's time here.\n")
+    headers = ["L", "density", "Flex work ÷ selected pairs", "DHSA attention s", "Flex s",
+               "Flex ÷ DHSA", "Flex compile s", "Flex dense s", "SDPA s"]
+    return (head + table(headers, rows, "r" * len(headers)) + "\n\n"
+            + sources(res, ["bench_flex"]) + "\n\n" + tail)
+
+
+def _chunk_range(res: Results) -> str:
+    cfg = (res.json("bench_sparse").get("config") or {}).get("dhsa_config") or {}
+    return f"{cfg.get('min_chunk')}–{cfg.get('max_chunk')}"
+
+
+def _model_rows(res: Results):
+    doc = res.json("bench_model")
+    by = defaultdict(dict)
+    for r in doc["rows"]:
+        by[r["length"]][(r["method"], r.get("budget"))] = r
+    budgets = list(doc["config"].get("budgets") or
+                   sorted({r["budget"] for r in doc["rows"] if r.get("budget")}))
+    llama = {}
+    for name in res.names("bench_llama*"):
+        for r in res.json(name)["rows"]:
+            llama.setdefault(r["length"], r)
+    return doc, by, budgets, llama
+
+
+def block_bench_model(res: Results) -> str:
+    doc, by, budgets, llama = _model_rows(res)
+    names = ["bench_model"] + res.names("bench_llama*")
+    rows = []
+    for L, m in sorted(by.items()):
+        sdpa = m.get(("sdpa", None))
+        cells = [klen(L), sec(sdpa["prefill_s"]) if sdpa else "–"]
+        for b in budgets:
+            r = m.get(("dhsa", b))
+            cells.append(f"{sec(r['prefill_s'])} ({pct(r['latency_change_pct'])})" if r else "–")
+        eager = m.get(("eager", None))
+        cells.append(sec(eager["prefill_s"]) if eager else "–")
+        cells.append(sec(llama[L]["prefill_s"]) if L in llama else "–")
+        shares = [sdpa] + [m.get(("dhsa", b)) for b in budgets]
+        cells.append(" / ".join(f"{100 * r['attention_share']:.0f}%" if r else "–"
+                                for r in shares))
+        mem = [sdpa] + [m.get(("dhsa", b)) for b in budgets] + [eager]
+        if any(r and r.get("memory_measured") for r in mem):
+            cells.append(" / ".join(f"{r['peak_rss_mib']:.0f}" if r else "–" for r in mem))
+        else:
+            cells.append("latency only")
+        rows.append(cells)
+    bl = [f"dhsa {klen(b)}" for b in budgets]
+    headers = (["L", "sdpa s"] + [f"{b} s (vs sdpa)" for b in bl] + ["eager s", "llama.cpp s",
+               "attention share sdpa / " + " / ".join(bl),
+               "peak RSS MiB sdpa / " + " / ".join(bl) + " / eager"])
+    return table(headers, rows, "r" * len(headers)) + "\n\n" + sources(res, names) + "\n"
+
+
+def block_model_notes(res: Results) -> str:
+    doc, by, budgets, llama = _model_rows(res)
+    out = []
+    for b in budgets:
+        ch = [f"{pct(m[('dhsa', b)]['latency_change_pct'])} at {klen(L)}"
+              for L, m in sorted(by.items()) if ("dhsa", b) in m]
+        out.append(f"At budget {klen(b)} DHSA changes the prefill time by {listing(ch)}.")
+    mem = []
+    b0 = budgets[0]
+    for L, m in sorted(by.items()):
+        s, d, e = m.get(("sdpa", None)), m.get(("dhsa", b0)), m.get(("eager", None))
+        if s and d and s.get("memory_measured") and d.get("memory_measured"):
+            text = f"{pct(100 * (d['peak_rss_mib'] / s['peak_rss_mib'] - 1))} at {klen(L)}"
+            if e and e.get("memory_measured"):
+                text += f" (eager {pct(100 * (e['peak_rss_mib'] / s['peak_rss_mib'] - 1))})"
+            mem.append(text)
+    if mem:
+        out.append(f"DHSA's peak memory (budget {klen(b0)}) against sdpa's: {listing(mem)}.")
+    ratio = [llama[L]["prefill_s"] / m[("sdpa", None)]["prefill_s"]
+             for L, m in sorted(by.items()) if L in llama and ("sdpa", None) in m]
+    if ratio:
+        out.append(f"On this CPU, llama.cpp's 4-bit prefill takes "
+                   f"{span(ratio, lambda x: f'{x:.1f}')}× the time of PyTorch's float32 sdpa "
+                   f"({len(ratio)} lengths).")
+    return "\n".join(out) + "\n"
+
+
+def block_llama_setup(res: Results) -> str:
+    names = res.names("bench_llama*")
+    versions = sorted({res.json(n)["machine"].get("llama_cpp_python") or "?" for n in names})
+    flash = sorted({str((res.json(n).get("config") or {}).get("flash_attn")) for n in names})
+    return (f"llama.cpp prefills the same GGUF (Q4_1 weights, its own kernels, flash attention "
+            f"{'/'.join(flash)})\nthrough `llama-cpp-python` {'/'.join(versions)}, built from "
+            f"source (`bench_llama.py`; each file's command is in the source lines below):\n")
+
+
+THREAD_LABEL = {"dense": "dense kernel", "dhsa_total": "DHSA (prediction + attention)",
+                "dhsa_predict": "prediction alone", "torch_sdpa": "torch SDPA"}
+
+
+def _threads_rows(doc: dict):
+    """At the longest L where every method ran: {method: (1-thread row, max-thread row)}."""
+    by = defaultdict(dict)
+    for r in doc["rows"]:
+        by[r["L"]][(r["method"], r["threads"])] = r
+    methods = list(dict.fromkeys(r["method"] for r in doc["rows"]))
+    for L in sorted(by, reverse=True):
+        ts = sorted({t for _, t in by[L]})
+        if all((m, ts[0]) in by[L] and (m, ts[-1]) in by[L] for m in methods):
+            return L, ts[0], ts[-1], {m: (by[L][(m, ts[0])], by[L][(m, ts[-1])]) for m in methods}
+    raise ValueError("no length where every method ran at every thread count")
+
+
+def block_bench_threads(res: Results) -> str:
+    names = res.names("bench_threads*")
+    rows = []
+    notes = []
+    for name in names:
+        doc = res.json(name)
+        L, t0, t1, per = _threads_rows(doc)
+        where = machine_short(doc["machine"])
+        for m, (a, b) in per.items():
+            gf = (f"{a['gflops']:.0f} → {b['gflops']:.0f}" if a.get("gflops") and b.get("gflops")
+                  else "–")
+            xt = f"{b['x_torch']:.2f}" if b.get("x_torch") else "–"
+            rows.append([where, klen(L), THREAD_LABEL.get(m, m), f"{t0} → {t1}",
+                         f"{a['seconds']:.3f} → {b['seconds']:.3f}",
+                         times(a["seconds"] / b["seconds"]), gf, xt])
+        least = min((m for m in per if m != "torch_sdpa"),
+                    key=lambda m: per[m][0]["seconds"] / per[m][1]["seconds"])
+        a, b = per[least]
+        notes.append((THREAD_LABEL.get(least, least),
+                      f"{times(a['seconds'] / b['seconds'])} from {t0} to {t1} threads on the "
+                      f"{where}"))
+    text = table(["machine", "L", "method", "threads", "seconds", "speed-up", "GFLOP/s",
+                  "× torch at the most threads"], rows, "lrllrrrr")
+    least = sorted({m for m, _ in notes})
+    if len(least) == 1:
+        tail = (f"Of the dhsa methods, the {least[0]} scales least on every machine here: "
+                f"{listing([t for _, t in notes])}.")
+    else:
+        tail = ("Of the dhsa methods, the one that scales least: "
+                + "; ".join(f"{m}, {t}" for m, t in notes) + ".")
+    return text + "\n\n" + sources(res, names) + "\n\n" + tail + "\n"
+
+
+# ----------------------------------------------------------------------------
+# accuracy
+# ----------------------------------------------------------------------------
+
+def _accuracy(res: Results):
+    niah = res.json("accuracy/niah_b1024")
+    ppl = res.json("accuracy/ppl_8k")
+    rec = res.json("accuracy/recall_4k")
+    cells = defaultdict(list)
+    for c in niah["cells"]:
+        cells[c["method"]].append(c)
+    top = max(c["length"] for c in niah["cells"])
+    all_lengths = sorted({c["length"] for c in niah["cells"]})
+    dppl = {(r["method"], r["budget"]): r["delta_ppl_pct"] for r in ppl["rows"]}
+    recall = defaultdict(list)
+    for r in rec["rows"]:
+        recall[(r["method"], r["budget"])].append(r["recall"])
+    recall = {k: statistics.mean(v) for k, v in recall.items()}
+    methods = list(dict.fromkeys([c["method"] for c in niah["cells"]] +
+                                 [r["method"] for r in ppl["rows"]] +
+                                 [r["method"] for r in rec["rows"]]))
+    return dict(niah=niah, ppl=ppl, rec=rec, cells=cells, top=top, lengths=all_lengths,
+                dppl=dppl, recall=recall, methods=methods,
+                ppl_budgets=list(ppl["args"]["budgets"]), rec_budgets=list(rec["args"]["budgets"]))
+
+
+def _niah_mean(a, method, length=None) -> Optional[float]:
+    s = [c["score"] for c in a["cells"][method] if length is None or c["length"] == length]
+    return statistics.mean(s) if s else None
+
+
+def _density_at(a, length) -> float:
+    d = [c["density"] for m in a["cells"] for c in a["cells"][m]
+         if c["length"] == length and c["density"] is not None and m == "dhsa"]
+    return statistics.mean(d)
+
+
+ACC_FILES = ["accuracy/niah_b1024", "accuracy/ppl_8k", "accuracy/recall_4k"]
+
+
+def block_accuracy(res: Results) -> str:
+    a = _accuracy(res)
+    top, lengths = a["top"], a["lengths"]
+    depths = len(a["niah"]["args"]["depths"])
+    rows = []
+    for m in a["methods"]:
+        mean = _niah_mean(a, m)
+        ls = sorted({c["length"] for c in a["cells"][m]})
+        if mean is None:
+            n1 = "–"
+        elif ls != lengths:
+            n1 = f"{mean:.2f} ({klen(ls[0])}–{klen(ls[-1])} only)"
+        else:
+            n1 = f"{mean:.2f}"
+        at = _niah_mean(a, m, top)
+        n2 = f"{at:.2f}" if at is not None else "–"
+        if m == "dense":
+            dp = f"{a['dppl'].get(('dense', None), 0.0):.0f}"
+            rc = "1 (all keys)"
+        else:
+            dp = " / ".join(pct(a["dppl"][(m, b)], 1) if (m, b) in a["dppl"] else "–"
+                            for b in a["ppl_budgets"])
+            rc = " / ".join(f"{a['recall'][(m, b)]:.3f}" if (m, b) in a["recall"] else "–"
+                            for b in a["rec_budgets"])
+        rows.append([f"**{m}**" if m == "dhsa" else m, n1, n2, dp, rc])
+    budget = a["niah"]["args"]["budget"]
+    headers = [
+        "method",
+        f"NIAH mean, {klen(lengths[0])}–{klen(lengths[-1])} × {depths} depths (budget {budget})",
+        f"NIAH at {klen(top)} (density {_density_at(a, top):.2f})",
+        f"Δ ppl at {klen(a['ppl']['args']['length'])}, budget "
+        + " / ".join(str(b) for b in a["ppl_budgets"]),
+        f"attention recall at {klen(a['rec']['args']['length'])}, budget "
+        + " / ".join(str(b) for b in a["rec_budgets"]),
+    ]
+    return table(headers, rows, "lrrrr") + "\n\n" + sources(res, ACC_FILES) + "\n"
+
+
+def block_accuracy_notes(res: Results) -> str:
+    a = _accuracy(res)
+    top = a["top"]
+    d_mean, h_mean = _niah_mean(a, "dense"), _niah_mean(a, "dhsa")
+    scores = [c["score"] for c in a["cells"]["dense"]]
+    per_len = len(a["niah"]["args"]["depths"])
+    se = statistics.stdev(scores) / len(scores) ** 0.5
+    lines = [
+        f"- The 135M model is a noisy NIAH subject: dense attention itself averages\n"
+        f"  {d_mean:.2f}/10 over {len(scores)} cells ({per_len} depths per length), its cells "
+        f"score {min(scores):.2f} to {max(scores):.2f}\n  and the standard error of that mean is "
+        f"{se:.2f}, so differences of a few tenths are within noise.",
+    ]
+    b_mean = _niah_mean(a, "block_topk")
+    s_mean = _niah_mean(a, "streaming")
+    rb = " / ".join(f"{a['recall'][('dhsa', b)]:.3f} vs {a['recall'][('block_topk', b)]:.3f}"
+                    for b in a["rec_budgets"])
+    pb = " / ".join(f"{pct(a['dppl'][('dhsa', b)], 1)} vs {pct(a['dppl'][('block_topk', b)], 1)}"
+                    for b in a["ppl_budgets"])
+    lines.append(
+        f"- DHSA against block-sparse top-k: NIAH mean {h_mean:.2f} vs {b_mean:.2f} "
+        f"({pct(100 * (h_mean / b_mean - 1), 1)} relative;\n  the paper reports 6–18%), "
+        f"attention recall {rb}, Δ ppl {pb}. Against a plain sink + local\n  window "
+        f"(`streaming`): NIAH mean {h_mean:.2f} vs {s_mean:.2f}.")
+    best = []
+    for b in a["rec_budgets"]:
+        cand = {m: v for (m, bb), v in a["recall"].items() if bb == b and m != "oracle"}
+        best.append(max(cand, key=cand.get))
+    best_txt = (f"`{best[0]}` at every budget" if len(set(best)) == 1
+                else ", ".join(f"`{m}` at {b}" for m, b in zip(best, a["rec_budgets"])))
+    lines.append(f"- Of the non-oracle methods, the most attention mass is kept by {best_txt}"
+                 f"\n  (vertical-slash looks at the true attention of the last 64 queries).")
+    gap = _niah_mean(a, "dhsa", top) - _niah_mean(a, "dense", top)
+    dens = _density_at(a, top)
+    niah_met = gap >= -0.2 and dens <= 0.25
+    b_hi = max(a["ppl_budgets"])
+    dp = a["dppl"][("dhsa", b_hi)]
+    lines.append(
+        f"- Goals: \"within 0.2 points of dense at ≤ 25% density at {klen(top)}\": measured "
+        f"{f(gap, 2)} at density\n  {dens:.2f} ({'met' if niah_met else 'not met'}); "
+        f"\"perplexity within +1% at budget {b_hi} of {klen(a['ppl']['args']['length'])}\": "
+        f"measured {pct(dp, 1)} ({'met' if dp <= 1.0 else 'not met'}).")
+    return "\n".join(lines) + "\n"
+
+
+def block_ablation(res: Results) -> str:
+    doc = res.json("ablate_selection")
+    cfg = doc["config"]
+    by = defaultdict(dict)
+    for r in doc["rows"]:
+        by[r["method"]][r["budget"]] = r
+    budgets = list(cfg["budgets"])
+    default = next(m for m in by if "(default)" in m)
+
+    def diff(a, b):
+        return " / ".join(f"{100 * (by[a][x]['recall_mean'] - by[b][x]['recall_mean']):+.1f}"
+                          for x in budgets)
+
+    def cost(a, b):
+        return " / ".join(f"{by[a][x]['predict_ms'] / by[b][x]['predict_ms']:.1f}×"
+                          for x in budgets)
+
+    def chunks(m):
+        return f"{statistics.mean(by[m][x]['chunks_per_group'] for x in budgets):.0f}"
+
+    bl = " / ".join(str(b) for b in budgets)
+    text = (f"- Ablation (`benchmarks/ablate_selection.py`, attention-mass recall on SmolLM2 "
+            f"Q/K/V at\n  {klen(cfg['length'])}, budget {bl}, sink {cfg['sink']}, local "
+            f"{cfg['local']}; recall differences in points of %):\n"
+            f"  per-KV-head selection against per-layer (heads averaged) "
+            f"{neg(diff(default, 'dhsa layer'))};\n"
+            f"  per-query-head against per-KV-head {neg(diff('dhsa query_head', default))}, "
+            f"at {cost('dhsa query_head', default)} the\n  prediction time and with no K/V "
+            f"sharing in the kernel, so `kv_head` is the default;\n"
+            f"  the default chunks ({chunks(default)} per group) against the paper-like 8–64 "
+            f"keys ({chunks('dhsa kv_head coarse (t=0.5, 8..64)')} per group)\n"
+            f"  {neg(diff(default, 'dhsa kv_head coarse (t=0.5, 8..64)'))}; against fixed 16-key "
+            f"chunks ({chunks('fixed 16 kv_head')} per group)\n"
+            f"  {neg(diff(default, 'fixed 16 kv_head'))}.\n"
+            f"  <sub>Source: {source(res, 'ablate_selection')}</sub>\n")
+    return text
+
+
+# ----------------------------------------------------------------------------
+# reliability (benchmarks/results/reliability.md holds the counts)
+# ----------------------------------------------------------------------------
+
+def _md_table(text: str, anchor: str) -> List[List[str]]:
+    """The body rows (cells stripped) of the first Markdown table after ``anchor``."""
+    if anchor not in text:
+        raise ValueError(f"reliability.md lost the text '{anchor}'")
+    rows, seen = [], False
+    for line in text.split(anchor, 1)[1].splitlines():
+        if line.startswith("|"):
+            seen = True
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                rows.append(cells)
+        elif seen:
+            break
+    return rows[1:]  # without the header row
+
+
+def _count(cell: str):
+    """'≈ 14 000' -> (14000, True); '2 850 + 1 900' -> (4750, False)."""
+    approx = "≈" in cell
+    total = sum(int(re.sub(r"\D", "", p)) for p in cell.replace("≈", "").split("+"))
+    return total, approx
+
+
+def _num(n: int, approx: bool = False) -> str:
+    s = f"{n:,}".replace(",", "\u202f")
+    return f"≈ {s}" if approx else s
+
+
+RELIABILITY_KINDS = [("Property", "property examples against the float64 reference"),
+                     ("Fuzz", "fuzzed calls (atheris + random, also under ASan/UBSan)"),
+                     ("Leak", "leak-check calls (success and error paths)"),
+                     ("Concurrency", "concurrent calls from 8 threads"),
+                     ("Limits", "limits cases (2³¹ sizes, zero strides, Lk = D = 1, ...)")]
+
+
+def block_reliability(res: Results) -> str:
+    text = res.text("reliability.md")
+    inputs = _md_table(text, "## Inputs tried")
+    after_fixes = _md_table(text, "After the fixes")
+    found = _md_table(text, "## Crashes, wrong results, leaks, sanitizer")
+    rows = []
+    for prefix, label in RELIABILITY_KINDS:
+        hit = [r for r in inputs if r[0].startswith(prefix)]
+        if prefix == "Fuzz":
+            hit += after_fixes
+        if not hit:
+            continue
+        parts = [p for r in hit for p in r[1].split("+")]
+        counts = [_count(p) for p in parts]
+        total, approx = sum(c for c, _ in counts), any(a for _, a in counts)
+        cell = _num(total, approx)
+        if 1 < len(counts) <= 3:
+            cell += " (" + " + ".join(_num(c, a) for c, a in counts) + ")"
+        rows.append([label, cell])
+    outcome = []
+    for kind, n_found, n_fixed, n_open in found:
+        lead = kind[0].lower() if kind[1:2].islower() else kind[0]
+        text_ = f"{lead + kind[1:]}: {n_found}"
+        if n_fixed not in ("-", ""):
+            text_ += f", {n_fixed} fixed, {n_open} open"
+        outcome.append(text_)
+    n_bugs = sum(int(m.group(1)) for r in found for m in [re.match(r"(\d+) \(BUG", r[1])] if m)
+    date = re.search(r"\| Date \| ([^|]+) \|", text)
+    return (table(["Tried", "Count"], rows, "lr") +
+            f"\n\nFound: {'; '.join(outcome)}.\n\n"
+            f"<sub>Source: `benchmarks/results/reliability.md` (its tables \"Inputs tried\", "
+            f"\"After the fixes\" and \"Crashes, wrong results, leaks, sanitizer\"): "
+            f"{date.group(1).strip() if date else 'date not recorded'}, commit not recorded; "
+            f"the commands are listed there.</sub>\n\n"
+            f"The {n_bugs} bugs found, all fixed and covered by regression tests:\n")
+
+
+# ----------------------------------------------------------------------------
+# the README
+# ----------------------------------------------------------------------------
+
+BLOCKS: Dict[str, Callable[[Results], str]] = {
+    "speed_header": block_speed_header,
+    "speed_intro": block_speed_intro,
+    "bench_dense": block_bench_dense,
+    "bench_sparse": block_bench_sparse,
+    "sparse_notes": block_sparse_notes,
+    "bench_flex": block_bench_flex,
+    "llama_setup": block_llama_setup,
+    "bench_model": block_bench_model,
+    "model_notes": block_model_notes,
+    "bench_threads": block_bench_threads,
+    "accuracy": block_accuracy,
+    "accuracy_notes": block_accuracy_notes,
+    "ablation": block_ablation,
+    "reliability": block_reliability,
+}
+
+
+def render(readme: str, results_dir: Path) -> str:
+    """The README text with every rendered block rewritten from the files."""
+    res = Results(results_dir)
+    names = [m.group(2) for m in BLOCK.finditer(readme)]
+    unknown = sorted(set(names) - set(BLOCKS))
+    if unknown:
+        raise ValueError(f"README has blocks no renderer knows: {unknown}")
+    if len(names) != len(set(names)):
+        raise ValueError("README has a rendered block twice")
+    return BLOCK.sub(lambda m: m.group(1) + BLOCKS[m.group(2)](res) + m.group(4), readme)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true",
+                   help="change nothing; print a diff and exit 1 if the README differs")
+    p.add_argument("--readme", default=str(REPO_ROOT / "README.md"), help="the README to render")
+    p.add_argument("--results", default=str(BENCH_DIR / "results"),
+                   help="the results folder to render from")
+    args = p.parse_args(argv)
+    path = Path(args.readme)
+    old = path.read_text()
+    new = render(old, Path(args.results))
+    if args.check:
+        if new != old:
+            sys.stdout.writelines(difflib.unified_diff(
+                old.splitlines(True), new.splitlines(True), str(path), "rendered"))
+            print(f"\n{path} differs from the results files: run "
+                  f"python benchmarks/render_readme.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != old:
+        path.write_text(new)
+        print(f"rewrote the rendered blocks of {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
