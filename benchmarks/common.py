@@ -206,7 +206,9 @@ def machine_info() -> Dict[str, Any]:
         "git": _git_state(),
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                            "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
-                                           "GOMP_SPINCOUNT", "OMP_PROC_BIND")
+                                           "GOMP_SPINCOUNT", "OMP_PROC_BIND",
+                                           # a forced core type changes OpenBLAS's kernels
+                                           "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
                 if k in os.environ},
     }
     return info
