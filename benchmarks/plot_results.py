@@ -134,8 +134,8 @@ def plot_model(plt, doc, llama, out: Path) -> bool:
     if llama:
         handles.append(Patch(color="#bbbbbb", label="llama.cpp (total)"))
     axes[0][0].legend(handles=handles, fontsize=7, loc="upper left")
-    fig.suptitle("SmolLM2-135M prefill: attention vs the rest (llama.cpp: total only)",
-                 fontsize=10)
+    fig.suptitle("SmolLM2-135M prefill: attention vs the rest"
+                 + (" (llama.cpp: total only)" if llama else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "model_prefill.png", dpi=110)
     plt.close(fig)
@@ -178,11 +178,14 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
     res, out = Path(args.results), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    model, llama = load(res, "bench_model"), merged(res, "bench_llama", "bench_llama_32k")
+    cpu = lambda doc: (doc or {}).get("machine", {}).get("cpu", {}).get("model")  # noqa: E731
+    if llama and model and cpu(llama) != cpu(model):
+        llama = None  # measured on another machine: not beside these bars
     done = {
         "scaling_vs_length": plot_scaling(plt, [load(res, "bench_sparse"),
                                                 load(res, "bench_sparse_long")], out),
-        "model_prefill": plot_model(plt, load(res, "bench_model"), merged(res, "bench_llama",
-                                                                          "bench_llama_32k"), out),
+        "model_prefill": plot_model(plt, model, llama, out),
         "thread_scaling": plot_threads(plt, load(res, "bench_threads_16core")
                                        or load(res, "bench_threads"), out),
     }

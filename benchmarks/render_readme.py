@@ -164,8 +164,13 @@ def machine_long(machine) -> str:
     if not isinstance(machine, dict):
         return str(machine)
     build = machine.get("dhsa_build") or {}
-    parts = [machine_short(machine), f"dhsa SIMD path {build.get('simd_path')}",
-             f"Python {machine.get('python')}", f"NumPy {machine.get('numpy')}"]
+    parts = [machine_short(machine), f"dhsa SIMD path {build.get('simd_path')}"]
+    if build.get("blas_core"):  # the sgemm rate depends on the OpenBLAS kernels in use
+        parts.append(f"OpenBLAS core {build['blas_core']}")
+    forced = (machine.get("env") or {}).get("OPENBLAS_CORETYPE")
+    if forced:
+        parts.append(f"OPENBLAS_CORETYPE={forced}")
+    parts += [f"Python {machine.get('python')}", f"NumPy {machine.get('numpy')}"]
     if machine.get("torch"):
         parts.append(f"torch {machine['torch']}")
     for key, label in (("llama_cpp_python", "llama-cpp-python"),
@@ -384,15 +389,23 @@ def _model_rows(res: Results):
     budgets = list(doc["config"].get("budgets") or
                    sorted({r["budget"] for r in doc["rows"] if r.get("budget")}))
     llama = {}
-    for name in res.names("bench_llama*"):
+    for name in _llama_files(res, same_machine=True):
         for r in res.json(name)["rows"]:
             llama.setdefault(r["length"], r)
     return doc, by, budgets, llama
 
 
+def _llama_files(res: Results, *, same_machine: bool) -> List[str]:
+    """The llama.cpp results measured on bench_model's machine (or on another):
+    only those may stand beside its numbers."""
+    here = machine_short(res.json("bench_model").get("machine"))
+    return [n for n in res.names("bench_llama*")
+            if (machine_short(res.json(n).get("machine")) == here) == same_machine]
+
+
 def block_bench_model(res: Results) -> str:
     doc, by, budgets, llama = _model_rows(res)
-    names = ["bench_model"] + res.names("bench_llama*")
+    names = ["bench_model"] + _llama_files(res, same_machine=True)
     rows = []
     for L, m in sorted(by.items()):
         sdpa = m.get(("sdpa", None))
@@ -402,7 +415,8 @@ def block_bench_model(res: Results) -> str:
             cells.append(f"{sec(r['prefill_s'])} ({pct(r['latency_change_pct'])})" if r else "–")
         eager = m.get(("eager", None))
         cells.append(sec(eager["prefill_s"]) if eager else "–")
-        cells.append(sec(llama[L]["prefill_s"]) if L in llama else "–")
+        if llama:
+            cells.append(sec(llama[L]["prefill_s"]) if L in llama else "–")
         shares = [sdpa] + [m.get(("dhsa", b)) for b in budgets]
         cells.append(" / ".join(f"{100 * r['attention_share']:.0f}%" if r else "–"
                                 for r in shares))
@@ -413,8 +427,9 @@ def block_bench_model(res: Results) -> str:
             cells.append("latency only")
         rows.append(cells)
     bl = [f"dhsa {klen(b)}" for b in budgets]
-    headers = (["L", "sdpa s"] + [f"{b} s (vs sdpa)" for b in bl] + ["eager s", "llama.cpp s",
-               "attention share sdpa / " + " / ".join(bl),
+    headers = (["L", "sdpa s"] + [f"{b} s (vs sdpa)" for b in bl] + ["eager s"]
+               + (["llama.cpp s"] if llama else []) +
+               ["attention share sdpa / " + " / ".join(bl),
                "peak RSS MiB sdpa / " + " / ".join(bl) + " / eager"])
     return table(headers, rows, "r" * len(headers)) + "\n\n" + sources(res, names) + "\n"
 
@@ -450,9 +465,18 @@ def block_llama_setup(res: Results) -> str:
     names = res.names("bench_llama*")
     versions = sorted({res.json(n)["machine"].get("llama_cpp_python") or "?" for n in names})
     flash = sorted({str((res.json(n).get("config") or {}).get("flash_attn")) for n in names})
-    return (f"llama.cpp prefills the same GGUF (Q4_1 weights, its own kernels, flash attention "
+    text = (f"llama.cpp prefills the same GGUF (Q4_1 weights, its own kernels, flash attention "
             f"{'/'.join(flash)})\nthrough `llama-cpp-python` {'/'.join(versions)}, built from "
-            f"source (`bench_llama.py`; each file's command is in the source lines below):\n")
+            f"source (`bench_llama.py`")
+    other = _llama_files(res, same_machine=False)
+    if not other:
+        return text + "; each file's command is in the source lines below):\n"
+    machines = sorted({machine_short(res.json(n).get("machine")) for n in other})
+    rows = sorted(((r["length"], r["prefill_s"]) for n in other for r in res.json(n)["rows"]))
+    return (text + f"). Those runs were made on another machine ({', '.join(machines)}) than "
+            "the table below, so they stand apart and enter no ratio:\n\n"
+            + table(["L", "llama.cpp prefill s"], [[klen(L), sec(t)] for L, t in rows], "rr")
+            + "\n\n" + sources(res, other) + "\n")
 
 
 THREAD_LABEL = {"dense": "dense kernel", "dhsa_total": "DHSA (prediction + attention)",
