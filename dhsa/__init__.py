@@ -32,7 +32,8 @@ __version__ = "0.1.0"
 # loaded on first use, so that `import dhsa` needs no torch: attribute -> module
 _LAZY = {"patch": "dhsa.patching", "unpatch": "dhsa.patching", "get_handle": "dhsa.patching",
          "PatchHandle": "dhsa.patching", "CallRecord": "dhsa.patching",
-         "load_smollm2": "dhsa.harness.models", "smollm2_gguf_path": "dhsa.harness.models"}
+         "load_smollm2": "dhsa.harness.models", "smollm2_gguf_path": "dhsa.harness.models",
+         "load_gemma3": "dhsa.harness.models", "gemma3_gguf_path": "dhsa.harness.models"}
 # submodules under a second name: alias -> module
 _ALIASES = {"dhsa.models": "dhsa.harness.models"}
 
@@ -80,6 +81,7 @@ __all__ = [
     "dense_attention",
     "force_scalar",
     "get_handle",
+    "load_gemma3",
     "load_smollm2",
     "patch",
     "unpatch",

@@ -88,7 +88,9 @@ def test_full_budget_matches_reference(arch, dense_when_fits):
     ids = tokens(1, 300)
     ref = logits(model, ids)
     gen_ref = model.generate(ids[:, :40], max_new_tokens=12, do_sample=False)
-    handle = dhsa.patching.patch(model, FULL, dense_when_fits=dense_when_fits)
+    # sparse-kernel: every layer through the sparse kernel, the sliding ones too
+    handle = dhsa.patching.patch(model, FULL, dense_when_fits=dense_when_fits,
+                                 sparse_sliding=not dense_when_fits)
     assert model.config._attn_implementation == "dhsa"
     out = logits(model, ids)
     assert_close(out, ref)
@@ -130,7 +132,9 @@ def test_kwargs_reach_the_core():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_small_budget_is_sparse(arch):
     model = build(arch)
-    handle = patching.patch(model, SMALL)
+    # Mistral slides on every layer: only sparse_sliding lets it use the prediction
+    slide = arch == "mistral"
+    handle = patching.patch(model, SMALL, sparse_sliding=slide)
     out = logits(model, tokens(1, 300))
     assert torch.isfinite(out).all()
     calls = handle.verify()
@@ -142,9 +146,38 @@ def test_small_budget_is_sparse(arch):
     assert all(0.0 < r.density < 1.0 for r in sparse)
     assert all(r.predict_seconds > 0 and r.attention_seconds > 0 for r in sparse)
     for r in handle.stats:
-        if r.window is not None and r.window <= SMALL.budget:  # the window fits the budget
-            assert r.path == "dense" and r.reason == "fits budget"
+        if r.window is not None and not slide:  # sliding layers run the exact windowed kernel
+            assert r.path == "dense" and r.reason == "sliding window"
     assert "density" in handle.format_summary()
+    assert handle.format_summary().splitlines()[-1].startswith(
+        f"sparse path in {len({r.layer for r in sparse})} of 2 layers")
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_sliding_layers_run_exact_unless_asked(arch):
+    """In density mode a sliding layer never "fits", yet its queries see at most
+    `window` keys: it runs the exact windowed kernel, and the summary says which
+    layers ran sparse; sparse_sliding=True sends it through the prediction."""
+    model = build(arch)
+    dens = SMALL.replace(budget_mode="density", density=0.25)
+    ids = tokens(1, 300)
+    handle = patching.patch(model, dens)
+    logits(model, ids)
+    by_layer = {r.layer: r for r in handle.stats}
+    sliding = [l for l, r in by_layer.items() if r.window is not None]
+    full = [l for l, r in by_layer.items() if r.window is None]
+    assert sliding and full
+    assert all(by_layer[l].path == "dense" and by_layer[l].reason == "sliding window"
+               for l in sliding)
+    assert all(by_layer[l].path == "sparse" for l in full)
+    last = handle.format_summary().splitlines()[-1]
+    assert last.startswith(f"sparse path in {len(full)} of 2 layers ({', '.join(map(str, full))})")
+    assert f"{by_layer[full[0]].density:.3f}" in last
+    handle = patching.patch(model, dens, sparse_sliding=True)
+    handle.reset()
+    logits(model, ids)
+    assert all(r.path == "sparse" for r in handle.stats)
+    patching.unpatch(model)
 
 
 # ------------------------------------------------------------------ patch / unpatch

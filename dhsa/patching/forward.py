@@ -80,6 +80,7 @@ class _Plan:
     config: DHSAConfig
     forced_dense: bool
     dense_when_fits: bool
+    sparse_sliding: bool
     causal: bool
     scale: float
     softcap: Optional[float]
@@ -103,10 +104,12 @@ def _attend(plan: _Plan, stats: CallStats, qi: np.ndarray, ki: np.ndarray,
     nq, nk = qi.shape[2], ki.shape[2]
     win = plan.window if plan.window is not None and plan.window < nk else None
     weight = stats.item_pairs(qi.shape[0], nq, nk, win)
-    if (nq == 1 or plan.forced_dense or not plan.causal
+    sliding = plan.window is not None and not plan.sparse_sliding
+    if (nq == 1 or plan.forced_dense or not plan.causal or sliding
             or (plan.dense_when_fits and _fits(plan.config, nk, win))):
         reason = ("decode" if nq == 1 else "dense layer" if plan.forced_dense
-                  else "non-causal" if not plan.causal else "fits budget")
+                  else "non-causal" if not plan.causal else "sliding window" if sliding
+                  else "fits budget")
         t0 = time.perf_counter()
         o = dense_attention(qi, ki, vi, causal=plan.causal, scale=plan.scale,
                             softcap=plan.softcap, window=win, num_threads=plan.threads)
@@ -137,7 +140,7 @@ def dhsa_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     cfg, forced_dense = handle.config_for(layer, name)
-    plan = _Plan(cfg, forced_dense, handle.dense_when_fits, causal,
+    plan = _Plan(cfg, forced_dense, handle.dense_when_fits, handle.sparse_sliding, causal,
                  float(scaling) if scaling is not None else 1.0 / math.sqrt(D),
                  float(softcap) if softcap is not None and float(softcap) > 0 else None,
                  int(sliding_window) if sliding_window is not None and int(sliding_window) > 0

@@ -76,7 +76,7 @@ class PatchHandle:
 
     Attributes: ``config`` (the DHSAConfig of every layer not overridden),
     ``dense_layers``, ``layer_configs`` (overrides keyed by ``layer_idx`` or
-    module name), ``dense_when_fits``, ``num_threads``, ``keep_selections``
+    module name), ``dense_when_fits``, ``sparse_sliding``, ``num_threads``, ``keep_selections``
     (layers whose Selection objects are kept in the records), ``stats``
     (list of :class:`CallRecord`), ``calls`` (module name -> number of calls),
     ``modules`` (module name -> attention module that should call DHSA).
@@ -84,8 +84,9 @@ class PatchHandle:
 
     def __init__(self, model: Optional[nn.Module], config: DHSAConfig, *,
                  dense_layers: Iterable = (), layer_configs: Optional[Mapping] = None,
-                 dense_when_fits: bool = True, num_threads: Optional[int] = None,
-                 keep_selections: Iterable = (), record: bool = True) -> None:
+                 dense_when_fits: bool = True, sparse_sliding: bool = False,
+                 num_threads: Optional[int] = None, keep_selections: Iterable = (),
+                 record: bool = True) -> None:
         self.model = model
         self.modules: "OrderedDict[str, nn.Module]" = OrderedDict()
         self._previous: List[Tuple[Any, Any]] = []
@@ -93,14 +94,14 @@ class PatchHandle:
         self.stats: List[CallRecord] = []
         self.calls: Dict[str, int] = defaultdict(int)
         self.configure(config, dense_layers=dense_layers, layer_configs=layer_configs,
-                       dense_when_fits=dense_when_fits, num_threads=num_threads,
-                       keep_selections=keep_selections, record=record)
+                       dense_when_fits=dense_when_fits, sparse_sliding=sparse_sliding,
+                       num_threads=num_threads, keep_selections=keep_selections, record=record)
 
     # -- configuration ----------------------------------------------------------------
     def configure(self, config: Optional[DHSAConfig] = None, *, dense_layers: Iterable = (),
                   layer_configs: Optional[Mapping] = None, dense_when_fits: bool = True,
-                  num_threads: Optional[int] = None, keep_selections: Iterable = (),
-                  record: bool = True) -> None:
+                  sparse_sliding: bool = False, num_threads: Optional[int] = None,
+                  keep_selections: Iterable = (), record: bool = True) -> None:
         config = DHSAConfig() if config is None else config
         if not isinstance(config, DHSAConfig):
             raise TypeError(f"config must be a dhsa.DHSAConfig or None, got {type(config).__name__}")
@@ -119,6 +120,7 @@ class PatchHandle:
         self.dense_layers = dense
         self.layer_configs = overrides
         self.dense_when_fits = bool(dense_when_fits)
+        self.sparse_sliding = bool(sparse_sliding)
         self.num_threads = num_threads
         self.keep_selections = frozenset(keep_selections)
         self.record = bool(record)
@@ -293,9 +295,9 @@ def _probe_inputs(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def patch(model: nn.Module, config: Optional[DHSAConfig] = None, *, dense_layers: Iterable = (),
           layer_configs: Optional[Mapping[Union[int, str], DHSAConfig]] = None,
-          dense_when_fits: bool = True, num_threads: Optional[int] = None,
-          keep_selections: Iterable = (), record: bool = True,
-          verify: bool = False) -> PatchHandle:
+          dense_when_fits: bool = True, sparse_sliding: bool = False,
+          num_threads: Optional[int] = None, keep_selections: Iterable = (),
+          record: bool = True, verify: bool = False) -> PatchHandle:
     """Switch a transformers model (and all its sub-configs) to DHSA attention.
 
     ``config``: the DHSAConfig of every layer (default ``DHSAConfig()``);
@@ -303,7 +305,9 @@ def patch(model: nn.Module, config: Optional[DHSAConfig] = None, *, dense_layers
     exact (e.g. ``range(2)``); ``layer_configs``: {layer_idx or name:
     DHSAConfig} overrides; ``dense_when_fits``: run exact attention (no
     prediction) when every query may see no more keys than the budget;
-    ``num_threads``: threads of the C core (default: all);
+    ``sparse_sliding``: let sliding-window layers run the sparse path too
+    (default: they run the exact windowed kernel, O(L * window), so only the
+    full-attention layers pay for and use a prediction); ``num_threads``: threads of the C core (default: all);
     ``keep_selections``: layers whose Selection objects are kept in the
     stats records (for pictures); ``record``: keep per-call records (call
     counts are always kept); ``verify``: run an 8-token probe forward and
@@ -330,13 +334,15 @@ def patch(model: nn.Module, config: Optional[DHSAConfig] = None, *, dense_layers
     handle = get_handle(model)
     if handle is not None and handle.active:
         handle.configure(config, dense_layers=dense_layers, layer_configs=layer_configs,
-                         dense_when_fits=dense_when_fits, num_threads=num_threads,
-                         keep_selections=keep_selections, record=record)
+                         dense_when_fits=dense_when_fits, sparse_sliding=sparse_sliding,
+                         num_threads=num_threads, keep_selections=keep_selections,
+                         record=record)
     else:
         handle = PatchHandle(model, config if config is not None else DHSAConfig(),
                              dense_layers=dense_layers, layer_configs=layer_configs,
-                             dense_when_fits=dense_when_fits, num_threads=num_threads,
-                             keep_selections=keep_selections, record=record)
+                             dense_when_fits=dense_when_fits, sparse_sliding=sparse_sliding,
+                             num_threads=num_threads, keep_selections=keep_selections,
+                             record=record)
         configs = _all_configs(model)
         handle._previous = [(c, _get_impl(c)) for c in configs]
         try:

@@ -137,4 +137,12 @@ def format_summary(summary: Dict[Any, Dict[str, Any]]) -> str:
         lines.append(f"{str(key):>8} {s['calls']:>5} {s['sparse']:>6} {s['dense']:>5} "
                      f"{s['decode']:>6} {s['fallback']:>6} {dens:>8} "
                      f"{s['predict_seconds']:>9.4f} {s['attention_seconds']:>8.4f}")
+    sparse = [key for key, s in summary.items() if s["sparse"]]
+    if sparse:
+        d = [s["mean_sparse_density"] for s in summary.values() if s["sparse"]]
+        lines.append(f"sparse path in {len(sparse)} of {len(summary)} layers "
+                     f"({', '.join(map(str, sparse))}); mean density over their sparse calls "
+                     f"{float(np.mean(d)):.3f}")
+    else:
+        lines.append(f"sparse path in none of the {len(summary)} layers")
     return "\n".join(lines)
