@@ -257,12 +257,9 @@ int dhsa_predict(dhsa_prediction **out, const float *q, const float *k,
                  int num_threads) {
     if (!out) return DHSA_EINVAL;
     *out = NULL;
-    int st = dhsa_attn_shape_check(s);
+    const int st = dhsa_check_inputs(q, k, NULL, s, num_threads);
     if (st != DHSA_OK) return st;
-    if (!q || !k || !p || s->kv_f16 || num_threads < 1) return DHSA_EINVAL;
-    float max_abs[3];
-    st = scan_inputs(max_abs, q, k, NULL, s, num_threads);
-    if (st != DHSA_OK) return st;
+    if (!p || s->kv_f16) return DHSA_EINVAL;
     return predict_scanned(out, q, k, s, p, bounds, num_bounds, flags, num_threads);
 }
 

@@ -331,18 +331,14 @@ def patch(model: nn.Module, config: Optional[DHSAConfig] = None, *, dense_layers
                          "its own projections)")
     register()
 
+    options = dict(dense_layers=dense_layers, layer_configs=layer_configs,
+                   dense_when_fits=dense_when_fits, sparse_sliding=sparse_sliding,
+                   num_threads=num_threads, keep_selections=keep_selections, record=record)
     handle = get_handle(model)
     if handle is not None and handle.active:
-        handle.configure(config, dense_layers=dense_layers, layer_configs=layer_configs,
-                         dense_when_fits=dense_when_fits, sparse_sliding=sparse_sliding,
-                         num_threads=num_threads, keep_selections=keep_selections,
-                         record=record)
+        handle.configure(config, **options)
     else:
-        handle = PatchHandle(model, config if config is not None else DHSAConfig(),
-                             dense_layers=dense_layers, layer_configs=layer_configs,
-                             dense_when_fits=dense_when_fits, sparse_sliding=sparse_sliding,
-                             num_threads=num_threads, keep_selections=keep_selections,
-                             record=record)
+        handle = PatchHandle(model, config if config is not None else DHSAConfig(), **options)
         configs = _all_configs(model)
         handle._previous = [(c, _get_impl(c)) for c in configs]
         try:
