@@ -19,12 +19,17 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 COMMANDS: Dict[str, Tuple[str, str]] = {
-    "demo": ("dhsa.harness.demo", "pass-key retrieval on SmolLM2: exact attention vs DHSA"),
+    "demo": ("dhsa.harness.demo", "pass-key retrieval on SmolLM2 or Gemma-3: exact attention vs DHSA"),
     "niah": ("dhsa.harness.eval:niah",
-             "needle in a haystack on SmolLM2 per method (JSON + heat maps)"),
-    "ppl": ("dhsa.harness.eval:ppl", "perplexity of long text on SmolLM2 per method and budget"),
+             "needle in a haystack per method, ROUGE and retrieval (JSON + heat maps)"),
+    "ppl": ("dhsa.harness.eval:ppl", "causal perplexity of long text per method and budget"),
     "recall": ("dhsa.harness.eval:recall",
                "attention-mass recall and output error on real Q/K/V"),
+    "tasks": ("dhsa.harness.sweep",
+              "exact-match retrieval, copy and causal perplexity per method at equal density "
+              "(resumable JSONL)"),
+    "table": ("dhsa.harness.sweep:table",
+              "summary of sweep files: scores with 95% confidence intervals, heat maps"),
 }
 
 

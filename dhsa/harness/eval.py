@@ -21,7 +21,8 @@ import numpy as np
 from ..config import GRANULARITIES, DHSAConfig
 from .cli import add_config_options, config_changes
 
-__all__ = ["NEEDLE", "QUESTION", "ANSWER_PREFIX", "rouge1_f1", "niah_score", "haystack_text",
+__all__ = ["NEEDLE", "QUESTION", "ANSWER_PREFIX", "rouge1_f1", "niah_score", "niah_retrieved",
+           "haystack_text",
            "build_niah_prompt", "method_config", "run_niah", "run_ppl", "run_recall"]
 
 NEEDLE = ("The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park "
@@ -68,6 +69,12 @@ def niah_score(answer: str, needle: str = NEEDLE) -> float:
     return 10.0 * rouge1_f1(answer, needle)
 
 
+def niah_retrieved(answer: str) -> bool:
+    """Whether an answer holds the needle's key facts: "sandwich" and "Dolores Park"."""
+    a = " ".join(_words(answer))
+    return "sandwich" in a.split() and "dolores park" in a
+
+
 def haystack_text(haystack_dir: Optional[str] = None, n_chars: int = 200_000) -> str:
     """The PG essays of ``haystack_dir`` (all *.txt, sorted), or generated
     filler sentences when no directory is given."""
@@ -88,20 +95,27 @@ def haystack_text(haystack_dir: Optional[str] = None, n_chars: int = 200_000) ->
     return " ".join(parts)
 
 
-def build_niah_prompt(tokenizer, haystack: str, context: int, depth: float):
-    """input_ids (1, <= context): in the tokenizer's chat format, a user turn
-    "Read the document and answer the question. Document: <haystack with the
-    needle at ``depth`` (0-1), cut at a sentence end> Question: <QUESTION>",
-    then the assistant turn opened with ANSWER_PREFIX.
+def build_niah_prompt(tokenizer, haystack: str, context: int, depth: float, fmt: str = "chat"):
+    """input_ids (1, <= context): "Read the document and answer the question.
+    Document: <haystack with the needle at ``depth`` (0-1), cut at a sentence
+    end> Question: <QUESTION>" - in the tokenizer's chat format as a user
+    turn followed by the assistant turn opened with ANSWER_PREFIX
+    (``fmt="chat"``), or as plain text after BOS ending in ANSWER_PREFIX
+    (``fmt="completion"``, for base models).
     Returns (input_ids, needle token index)."""
     import torch
 
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    head = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Read the document and answer the question.\n\n"
-                                     "Document:\n<<CTX>>\n\nQuestion: " + QUESTION}],
-        tokenize=False, add_generation_prompt=True)
+    if fmt not in ("chat", "completion"):
+        raise ValueError(f"fmt must be 'chat' or 'completion', got {fmt!r}")
+    body = ("Read the document and answer the question.\n\nDocument:\n<<CTX>>\n\nQuestion: "
+            + QUESTION)
+    if fmt == "chat":
+        head = tokenizer.apply_chat_template([{"role": "user", "content": body}],
+                                             tokenize=False, add_generation_prompt=True)
+    else:
+        head = (tokenizer.bos_token or "") + body + "\nAnswer: "
     pre, post = head.split("<<CTX>>")
     pre_ids = tokenizer(pre, add_special_tokens=False).input_ids
     tail_ids = tokenizer(post, add_special_tokens=False).input_ids
@@ -153,14 +167,16 @@ def run_niah(model, tokenizer, *, methods: Sequence[str], lengths: Sequence[int]
              depths: Sequence[float], budget: int, haystack_dir: Optional[str] = None,
              base: Optional[DHSAConfig] = None, max_new_tokens: int = 24,
              oracle_max_len: int = 2048, dense_layers: int = 0,
-             num_threads: Optional[int] = None, log=print) -> List[Dict]:
-    """Every (method, length, depth) cell: answer, score 0-10, density, time.
-    ``num_threads``: threads of the C core (default: all cores)."""
+             num_threads: Optional[int] = None, fmt: str = "chat", log=print) -> List[Dict]:
+    """Every (method, length, depth) cell: answer, ROUGE score 0-10, whether
+    the answer retrieved the needle's key facts ("sandwich" and "Dolores
+    Park"), density, time. ``num_threads``: threads of the C core (default:
+    all cores); ``fmt``: "chat" or "completion" prompts."""
     hay = haystack_text(haystack_dir, n_chars=8 * max(lengths) + 10_000)
     cells = []
     for L in lengths:
         for d in depths:
-            ids, needle_at = build_niah_prompt(tokenizer, hay, L, d)
+            ids, needle_at = build_niah_prompt(tokenizer, hay, L, d, fmt)
             for m in methods:
                 if m == "oracle" and ids.shape[1] > oracle_max_len:
                     continue
@@ -172,7 +188,8 @@ def run_niah(model, tokenizer, *, methods: Sequence[str], lengths: Sequence[int]
                 answer = " ".join(tokenizer.decode(toks, skip_special_tokens=True).split())
                 cell = {"method": m, "length": int(ids.shape[1]), "target_length": L,
                         "depth": d, "needle_token": needle_at, "answer": answer,
-                        "score": niah_score(answer), "density": density, "seconds": dt,
+                        "score": niah_score(answer), "retrieved": niah_retrieved(answer),
+                        "density": density, "seconds": dt,
                         "budget": budget}
                 cells.append(cell)
                 log(f"[niah] L={L:>5} depth={d:4.2f} {m:>14}: score {cell['score']:4.1f} "
@@ -182,32 +199,43 @@ def run_niah(model, tokenizer, *, methods: Sequence[str], lengths: Sequence[int]
 
 def run_ppl(model, tokenizer, *, methods: Sequence[str], budgets: Sequence[int], length: int,
             haystack_dir: Optional[str] = None, base: Optional[DHSAConfig] = None,
-            dense_layers: int = 0, num_threads: Optional[int] = None,
-            log=print) -> List[Dict]:
-    """Perplexity of ``length`` tokens of long text per method and budget.
+            dense_layers: int = 0, num_threads: Optional[int] = None, scored: int = 256,
+            protocol: str = "causal", log=print) -> List[Dict]:
+    """Perplexity of the last ``scored`` of ``length`` tokens of long text per
+    method and budget. ``protocol="causal"`` (default): the first length -
+    scored tokens are prefilled with the method, then each scored token sees
+    only its past through exact attention over that cache (what exact decode
+    steps compute); ``"leaky"``: one forward over everything with the method,
+    the last ``scored`` positions scored - block selection lets a later
+    token's query shape what an earlier position sees, so it is optimistic.
     ``num_threads``: threads of the C core (default: all cores)."""
-    import torch
+    from .protocol import Runner
+    if protocol not in ("causal", "leaky"):
+        raise ValueError(f"protocol must be 'causal' or 'leaky', got {protocol!r}")
+    if not 0 < scored < length:
+        raise ValueError(f"scored ({scored}) must be in (0, length={length})")
     text = haystack_text(haystack_dir, n_chars=8 * length + 10_000)
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :length]
-
-    def nll():
-        with torch.no_grad():
-            out = model(input_ids=ids, labels=ids, use_cache=False)
-        return float(out.loss)
-
+    ids = tokenizer(text).input_ids[:length]
     rows = []
-    for m in methods:
-        for b in (budgets if m != "dense" else [None]):
-            if m == "oracle" and ids.shape[1] > 2048:
-                continue
-            t = time.perf_counter()
-            loss, density = _with_method(model, m, b or 0, base, nll, dense_layers=dense_layers,
-                                         num_threads=num_threads)
-            rows.append({"method": m, "budget": b, "length": int(ids.shape[1]), "nll": loss,
-                         "ppl": math.exp(loss), "density": density,
-                         "seconds": time.perf_counter() - t})
-            log(f"[ppl] {m:>14} budget {b}: ppl {math.exp(loss):.3f} density "
-                f"{density if density is not None else 1:.3f}")
+    with Runner(model, tokenizer, num_threads=num_threads,
+                dense_layers=range(dense_layers)) as runner:
+        for m in methods:
+            for b in (budgets if m != "dense" else [None]):
+                if m == "oracle" and len(ids) > 2048:
+                    continue
+                cfg = method_config(m, b or 0, base)
+                t = time.perf_counter()
+                if protocol == "causal":
+                    r = runner.causal_nll(ids[:-scored], ids[-scored:], cfg)
+                else:
+                    r = runner.leaky_nll(ids, cfg)
+                    r["nll"] = r["nll"][-scored:]
+                loss = float(np.mean(r["nll"]))
+                rows.append({"method": m, "budget": b, "length": len(ids), "scored": scored,
+                             "protocol": protocol, "nll": loss, "ppl": math.exp(loss),
+                             "density": r["density"], "seconds": time.perf_counter() - t})
+                log(f"[ppl] {m:>14} budget {b}: ppl {math.exp(loss):.3f} density "
+                    f"{r['density']:.3f} ({protocol})")
     dense = [r["ppl"] for r in rows if r["method"] == "dense"]
     for r in rows:
         r["delta_ppl_pct"] = 100.0 * (r["ppl"] / dense[0] - 1.0) if dense else None
@@ -249,6 +277,9 @@ def run_recall(model, tokenizer, *, methods: Sequence[str], budgets: Sequence[in
 # ---- command line ----------------------------------------------------------
 
 def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2",
+                   help="smollm2 (chat prompts, 8K context) or gemma3 (base model, completion "
+                        "prompts, 32K context)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="methods to compare (default: all; dense is exact attention)")
     p.add_argument("--haystack-dir", default=None,
@@ -314,12 +345,13 @@ def niah_add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def niah_run(args) -> int:
-    from .models import load_smollm2
-    model, tok = load_smollm2()
+    from .sweep import load_model
+    model, tok = load_model(args.model)
     cells = run_niah(model, tok, methods=args.methods, lengths=args.lengths, depths=args.depths,
                      budget=args.budget, haystack_dir=args.haystack_dir, base=_config(args),
                      max_new_tokens=args.max_new_tokens, dense_layers=args.dense_layers,
-                     num_threads=args.threads)
+                     num_threads=args.threads,
+                     fmt="completion" if args.model == "gemma3" else "chat")
     f = _save(args.out, "niah", {**_meta(args), "cells": cells})
     print(f"wrote {f}")
     try:
@@ -331,7 +363,8 @@ def niah_run(args) -> int:
         print("matplotlib not installed: no heat maps (pip install 'dhsa[viz]')")
     for m in sorted({c["method"] for c in cells}):
         s = [c["score"] for c in cells if c["method"] == m]
-        print(f"{m:>14}: mean score {np.mean(s):.2f} over {len(s)} cells")
+        hits = sum(c["retrieved"] for c in cells if c["method"] == m)
+        print(f"{m:>14}: mean ROUGE score {np.mean(s):.2f}, retrieved {hits} of {len(s)} cells")
     return 0
 
 
@@ -340,14 +373,19 @@ def ppl_add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length", type=int, default=8192, help="tokens of text (default 8192)")
     p.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048],
                    help="keys per query block of the sparse methods")
+    p.add_argument("--scored", type=int, default=256,
+                   help="last tokens whose loss is measured (default 256)")
+    p.add_argument("--leaky", action="store_true",
+                   help="score from one forward with the method (not causal: optimistic)")
 
 
 def ppl_run(args) -> int:
-    from .models import load_smollm2
-    model, tok = load_smollm2()
+    from .sweep import load_model
+    model, tok = load_model(args.model)
     rows = run_ppl(model, tok, methods=args.methods, budgets=args.budgets, length=args.length,
                    haystack_dir=args.haystack_dir, base=_config(args),
-                   dense_layers=args.dense_layers, num_threads=args.threads)
+                   dense_layers=args.dense_layers, num_threads=args.threads, scored=args.scored,
+                   protocol="leaky" if args.leaky else "causal")
     print(f"wrote {_save(args.out, 'ppl', {**_meta(args), 'rows': rows})}")
     return 0
 
@@ -362,8 +400,8 @@ def recall_add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def recall_run(args) -> int:
-    from .models import load_smollm2
-    model, tok = load_smollm2()
+    from .sweep import load_model
+    model, tok = load_model(args.model)
     rows = run_recall(model, tok, methods=args.methods, budgets=args.budgets, length=args.length,
                       haystack_dir=args.haystack_dir, base=_config(args), layers=args.layers,
                       num_threads=args.threads)

