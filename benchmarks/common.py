@@ -45,6 +45,7 @@ import dhsa
 from dhsa import rules
 from dhsa.harness.memory import reset_peak_rss as _reset_hwm
 from dhsa.harness.memory import rss_kib as _status_kib
+from dhsa.harness.provenance import git_state
 
 torch = None  # set by load_torch(); optional, its columns are skipped without it
 
@@ -150,16 +151,7 @@ def _loaded_libraries() -> List[str]:
 
 
 def _git_state() -> Dict[str, Any]:
-    def run(*args):
-        try:
-            r = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                               timeout=10)
-            return r.stdout.strip() if r.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-    commit = run("rev-parse", "HEAD")
-    status = run("status", "--porcelain", "--", "csrc", "dhsa")
-    return {"commit": commit, "core_sources_modified": bool(status) if status is not None else None}
+    return git_state(REPO_ROOT)
 
 
 def _file_digest(path: Optional[str]) -> Optional[Dict[str, Any]]:

@@ -533,123 +533,203 @@ def block_bench_threads(res: Results) -> str:
 # accuracy
 # ----------------------------------------------------------------------------
 
-def _accuracy(res: Results):
-    niah = res.json("accuracy/niah_b1024")
-    ppl = res.json("accuracy/ppl_8k")
+TASK_MODELS = (("smollm2", "SmolLM2-135M-Instruct (chat prompts)"),
+               ("gemma3", "Gemma-3-270M (base model, completion prompts)"))
+TASK_METHODS = ("dense", "dhsa", "block_topk", "streaming", "vertical_slash")
+TASK_NAMES = {"passkey": "passkey", "niah_single": "NIAH single", "niah_multikey": "NIAH multikey",
+              "niah_multivalue": "NIAH multivalue (share)", "variable_tracking": "variable tracking",
+              "common_words": "common words (share)", "pg_niah": "PG-essay NIAH",
+              "copy": "long-range copy (nats/token)", "ppl": "held-out text (nats/token)"}
+TASK_ORDER = list(TASK_NAMES)
+
+
+def _task_docs(res: Results):
+    """(model, label, file name, summary doc) of every accuracy/tasks_<model>.json present."""
+    out = []
+    for model, label in TASK_MODELS:
+        name = f"accuracy/tasks_{model}"
+        if (res.folder / f"{name}.json").exists():
+            out.append((model, label, name, res.json(name)))
+    return out
+
+
+def _below_dense(e: dict) -> bool:
+    """Whether the paired difference from dense is worse beyond its 95% interval."""
+    if e.get("diff_ci_high") is None:
+        return False
+    return e["diff_ci_low"] > 0 if e["scoring"] == "loss" else e["diff_ci_high"] < 0
+
+
+def _task_cell(e: Optional[dict], target: Optional[float], n: int) -> str:
+    """"mean [95% CI]" of one method (% or nats), ↓ when worse than dense beyond
+    the paired interval, and its own n / density where they differ from the row's."""
+    if e is None:
+        return "–"
+    if e["scoring"] == "loss":
+        txt = f"{e['mean']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
+    else:
+        txt = f"{100 * e['mean']:.0f} [{100 * e['ci_low']:.0f}, {100 * e['ci_high']:.0f}]"
+    notes = []
+    if e["n"] != n:
+        notes.append(f"n = {e['n']}")
+    if target is not None and e.get("density") is not None and abs(e["density"] - target) > 0.01:
+        notes.append(f"density {e['density']:.3f}")
+    return txt + (" ↓" if _below_dense(e) else "") + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _task_rows(doc: dict):
+    """[((task, length, density target, tail, protocol), {method: entry})], dense
+    entries shown in every configuration of their task and length."""
+    dense = {}
+    groups: Dict[tuple, dict] = defaultdict(dict)
+    for e in doc["entries"]:
+        if e["method"] == "dense":
+            dense[(e["task"], e["length"])] = e
+        else:
+            groups[(e["task"], e["length"], e["density_target"], e["tail"], e["protocol"])][
+                e["method"]] = e
+    for (task, length) in dense:
+        if not any(k[:2] == (task, length) for k in groups):
+            groups[(task, length, None, 0, None)] = {}
+    for k in groups:
+        if (k[0], k[1]) in dense:
+            groups[k]["dense"] = dense[(k[0], k[1])]
+    order = sorted(groups, key=lambda k: (TASK_ORDER.index(k[0]) if k[0] in TASK_ORDER else 99,
+                                          k[1], k[2] or 0, k[3], str(k[4])))
+    return [(k, groups[k]) for k in order]
+
+
+def _task_sources(name: str, doc: dict) -> str:
+    """The small print under a task table: file, dates, commits, machine, commands."""
+    dates = doc.get("date_utc") or []
+    when = (f"{date_of({'date_utc': dates[0]})} to {date_of({'date_utc': dates[-1]})}"
+            if dates else "date not recorded")
+    commits = ", ".join(f"`{c[:7]}`" for c in doc.get("commits", []) if c) or "not recorded"
+    if doc.get("core_sources_modified"):
+        commits += " (some rows with uncommitted changes to csrc/ or dhsa/)"
+    cmds = "<br>\n".join(f"<sub>`{c}`</sub>" for c in doc.get("commands", []) if c)
+    return (f"<sub>Source: `benchmarks/results/{name}.json` (summary of "
+            f"`{Path(doc['files'][0]).name}`, one line per cell): {when}, commit {commits}, "
+            f"{', '.join(doc.get('machines', []))}; made by</sub><br>\n{cmds}")
+
+
+def block_tasks(res: Results) -> str:
+    """One table per model: task rows, method columns, scores with 95% CIs."""
+    parts = []
+    for model, label, name, doc in _task_docs(res):
+        rows = []
+        for (task, length, rho, tail, proto), cells in _task_rows(doc):
+            how = (f", {proto} continuation" if proto else f", dense tail {tail}" if tail else "")
+            n = max(e["n"] for e in cells.values())
+            rows.append([TASK_NAMES.get(task, task) + how, klen(length),
+                         "–" if rho is None else f"{rho:.3f}", str(n)]
+                        + [_task_cell(cells.get(m), rho, n) for m in TASK_METHODS])
+        parts.append(f"**{label}**\n\n" + table(
+            ["task", "L", "density", "n"] + list(TASK_METHODS), rows,
+            "llrr" + "r" * len(TASK_METHODS)) + "\n\n" + _task_sources(name, doc))
+    if not parts:
+        return "No task sweep results yet.\n"
+    return "\n\n".join(parts) + "\n"
+
+
+def _goal_lines(rows) -> List[str]:
+    """The accuracy issue's goals for Gemma-3, as measured (or not yet)."""
+    lines = []
+    for task in ("passkey", "niah_single"):
+        for L in (16384, 32768):
+            d = next((c["dense"] for k, c in rows if k[:2] == (task, L) and "dense" in c), None)
+            goal = f"dense ≥ 90% on {TASK_NAMES[task]} at {klen(L)}"
+            if d is None:
+                lines.append(f"- Goal \"{goal}\" (Gemma-3): not measured yet.")
+            else:
+                lines.append(f"- Goal \"{goal}\" (Gemma-3): measured {100 * d['mean']:.0f}% "
+                             f"[{100 * d['ci_low']:.0f}, {100 * d['ci_high']:.0f}], n = {d['n']} "
+                             f"({'met' if d['mean'] >= 0.9 else 'not met'}).")
+    for k, cells in rows:
+        s = cells.get("streaming")
+        mid = (s or {}).get("middle") or {}
+        if k[0] in ("passkey", "niah_single") and not k[3] and "diff_vs_dense" in mid:
+            below = mid["diff_ci_high"] < 0
+            lines.append(
+                f"- Goal \"sink + local at density {k[2]:.3f} measurably below dense at middle "
+                f"depths\" (Gemma-3, {TASK_NAMES[k[0]]}, {klen(k[1])}, needles at 25–75%): "
+                f"streaming − dense {100 * mid['diff_vs_dense']:+.0f} points "
+                f"[{100 * mid['diff_ci_low']:+.0f}, {100 * mid['diff_ci_high']:+.0f}], "
+                f"n = {mid['n']} ({'met' if below else 'not met'}).")
+    return lines
+
+
+def block_tasks_notes(res: Results) -> str:
+    """Counts of rows below dense, DHSA against block_topk, the Gemma-3 goals."""
+    lines = []
+    for model, label, name, doc in _task_docs(res):
+        rows = _task_rows(doc)
+        short = label.split(" (")[0]
+        worse, total = defaultdict(int), defaultdict(int)
+        for _, cells in rows:
+            for m, e in cells.items():
+                if m != "dense" and e.get("diff_ci_high") is not None:
+                    total[m] += 1
+                    worse[m] += _below_dense(e)
+        if total:
+            lines.append(f"- {short}: rows where a method is below dense beyond the 95% interval "
+                         f"of the paired difference (↓): " + ", ".join(
+                             f"{m} {worse[m]} of {total[m]}" for m in TASK_METHODS if m in total)
+                         + ".")
+        ahead = behind = tied = 0
+        for _, cells in rows:
+            a, b = cells.get("dhsa"), cells.get("block_topk")
+            if a and b:
+                d = (b["mean"] - a["mean"]) if a["scoring"] == "loss" else (a["mean"] - b["mean"])
+                ahead += d > 1e-9
+                behind += d < -1e-9
+                tied += abs(d) <= 1e-9
+        if ahead + behind + tied:
+            lines.append(f"  DHSA against block_topk, row by row (mean score): ahead in {ahead}, "
+                         f"behind in {behind}, tied in {tied} of {ahead + behind + tied} rows.")
+        if model == "gemma3":
+            lines += _goal_lines(rows)
+    return "\n".join(lines) + "\n" if lines else "No task sweep results yet.\n"
+
+
+def _recall(res: Results):
     rec = res.json("accuracy/recall_4k")
-    cells = defaultdict(list)
-    for c in niah["cells"]:
-        cells[c["method"]].append(c)
-    top = max(c["length"] for c in niah["cells"])
-    all_lengths = sorted({c["length"] for c in niah["cells"]})
-    dppl = {(r["method"], r["budget"]): r["delta_ppl_pct"] for r in ppl["rows"]}
     recall = defaultdict(list)
     for r in rec["rows"]:
         recall[(r["method"], r["budget"])].append(r["recall"])
     recall = {k: statistics.mean(v) for k, v in recall.items()}
-    methods = list(dict.fromkeys([c["method"] for c in niah["cells"]] +
-                                 [r["method"] for r in ppl["rows"]] +
-                                 [r["method"] for r in rec["rows"]]))
-    return dict(niah=niah, ppl=ppl, rec=rec, cells=cells, top=top, lengths=all_lengths,
-                dppl=dppl, recall=recall, methods=methods,
-                ppl_budgets=list(ppl["args"]["budgets"]), rec_budgets=list(rec["args"]["budgets"]))
-
-
-def _niah_mean(a, method, length=None) -> Optional[float]:
-    s = [c["score"] for c in a["cells"][method] if length is None or c["length"] == length]
-    return statistics.mean(s) if s else None
-
-
-def _density_at(a, length) -> float:
-    d = [c["density"] for m in a["cells"] for c in a["cells"][m]
-         if c["length"] == length and c["density"] is not None and m == "dhsa"]
-    return statistics.mean(d)
-
-
-ACC_FILES = ["accuracy/niah_b1024", "accuracy/ppl_8k", "accuracy/recall_4k"]
+    methods = list(dict.fromkeys(r["method"] for r in rec["rows"]))
+    return rec, recall, methods, list(rec["args"]["budgets"])
 
 
 def block_accuracy(res: Results) -> str:
-    a = _accuracy(res)
-    top, lengths = a["top"], a["lengths"]
-    depths = len(a["niah"]["args"]["depths"])
-    rows = []
-    for m in a["methods"]:
-        mean = _niah_mean(a, m)
-        ls = sorted({c["length"] for c in a["cells"][m]})
-        if mean is None:
-            n1 = "–"
-        elif ls != lengths:
-            n1 = f"{mean:.2f} ({klen(ls[0])}–{klen(ls[-1])} only)"
-        else:
-            n1 = f"{mean:.2f}"
-        at = _niah_mean(a, m, top)
-        n2 = f"{at:.2f}" if at is not None else "–"
-        if m == "dense":
-            dp = f"{a['dppl'].get(('dense', None), 0.0):.0f}"
-            rc = "1 (all keys)"
-        else:
-            dp = " / ".join(pct(a["dppl"][(m, b)], 1) if (m, b) in a["dppl"] else "–"
-                            for b in a["ppl_budgets"])
-            rc = " / ".join(f"{a['recall'][(m, b)]:.3f}" if (m, b) in a["recall"] else "–"
-                            for b in a["rec_budgets"])
-        rows.append([f"**{m}**" if m == "dhsa" else m, n1, n2, dp, rc])
-    budget = a["niah"]["args"]["budget"]
-    headers = [
-        "method",
-        f"NIAH mean, {klen(lengths[0])}–{klen(lengths[-1])} × {depths} depths (budget {budget})",
-        f"NIAH at {klen(top)} (density {_density_at(a, top):.2f})",
-        f"Δ ppl at {klen(a['ppl']['args']['length'])}, budget "
-        + " / ".join(str(b) for b in a["ppl_budgets"]),
-        f"attention recall at {klen(a['rec']['args']['length'])}, budget "
-        + " / ".join(str(b) for b in a["rec_budgets"]),
-    ]
-    return table(headers, rows, "lrrrr") + "\n\n" + sources(res, ACC_FILES) + "\n"
+    rec, recall, methods, budgets = _recall(res)
+    rows = [[f"**{m}**" if m == "dhsa" else m]
+            + [f"{recall[(m, b)]:.3f}" if (m, b) in recall else "–" for b in budgets]
+            for m in methods]
+    layers = sorted({r["layer"] for r in rec["rows"]})
+    headers = ["method"] + [f"budget {b} (density {_recall_density(rec, b):.2f})" for b in budgets]
+    return (f"Attention-mass recall (share of each query's true attention that its block's "
+            f"selection keeps), SmolLM2 at {klen(rec['args']['length'])}, layers "
+            f"{', '.join(map(str, layers))}, equal budget:\n\n"
+            + table(headers, rows, "l" + "r" * len(budgets)) + "\n\n"
+            + sources(res, ["accuracy/recall_4k"]) + "\n")
+
+
+def _recall_density(rec: dict, budget: int) -> float:
+    return statistics.mean(r["density"] for r in rec["rows"] if r["budget"] == budget)
 
 
 def block_accuracy_notes(res: Results) -> str:
-    a = _accuracy(res)
-    top = a["top"]
-    d_mean, h_mean = _niah_mean(a, "dense"), _niah_mean(a, "dhsa")
-    scores = [c["score"] for c in a["cells"]["dense"]]
-    per_len = len(a["niah"]["args"]["depths"])
-    se = statistics.stdev(scores) / len(scores) ** 0.5
-    lines = [
-        f"- The 135M model is a noisy NIAH subject: dense attention itself averages\n"
-        f"  {d_mean:.2f}/10 over {len(scores)} cells ({per_len} depths per length), its cells "
-        f"score {min(scores):.2f} to {max(scores):.2f}\n  and the standard error of that mean is "
-        f"{se:.2f}, so differences of a few tenths are within noise.",
-    ]
-    b_mean = _niah_mean(a, "block_topk")
-    s_mean = _niah_mean(a, "streaming")
-    rb = " / ".join(f"{a['recall'][('dhsa', b)]:.3f} vs {a['recall'][('block_topk', b)]:.3f}"
-                    for b in a["rec_budgets"])
-    pb = " / ".join(f"{pct(a['dppl'][('dhsa', b)], 1)} vs {pct(a['dppl'][('block_topk', b)], 1)}"
-                    for b in a["ppl_budgets"])
-    lines.append(
-        f"- DHSA against block-sparse top-k: NIAH mean {h_mean:.2f} vs {b_mean:.2f} "
-        f"({pct(100 * (h_mean / b_mean - 1), 1)} relative;\n  the paper reports 6–18%), "
-        f"attention recall {rb}, Δ ppl {pb}. Against a plain sink + local\n  window "
-        f"(`streaming`): NIAH mean {h_mean:.2f} vs {s_mean:.2f}.")
+    _, recall, _, budgets = _recall(res)
     best = []
-    for b in a["rec_budgets"]:
-        cand = {m: v for (m, bb), v in a["recall"].items() if bb == b and m != "oracle"}
+    for b in budgets:
+        cand = {m: v for (m, bb), v in recall.items() if bb == b and m != "oracle"}
         best.append(max(cand, key=cand.get))
     best_txt = (f"`{best[0]}` at every budget" if len(set(best)) == 1
-                else ", ".join(f"`{m}` at {b}" for m, b in zip(best, a["rec_budgets"])))
-    lines.append(f"- Of the non-oracle methods, the most attention mass is kept by {best_txt}"
-                 f"\n  (vertical-slash looks at the true attention of the last 64 queries).")
-    gap = _niah_mean(a, "dhsa", top) - _niah_mean(a, "dense", top)
-    dens = _density_at(a, top)
-    niah_met = gap >= -0.2 and dens <= 0.25
-    b_hi = max(a["ppl_budgets"])
-    dp = a["dppl"][("dhsa", b_hi)]
-    lines.append(
-        f"- Goals: \"within 0.2 points of dense at ≤ 25% density at {klen(top)}\": measured "
-        f"{f(gap, 2)} at density\n  {dens:.2f} ({'met' if niah_met else 'not met'}); "
-        f"\"perplexity within +1% at budget {b_hi} of {klen(a['ppl']['args']['length'])}\": "
-        f"measured {pct(dp, 1)} ({'met' if dp <= 1.0 else 'not met'}).")
-    return "\n".join(lines) + "\n"
+                else ", ".join(f"`{m}` at {b}" for m, b in zip(best, budgets)))
+    return (f"- Of the non-oracle methods, the most attention mass is kept by {best_txt}\n"
+            f"  (vertical-slash looks at the true attention of the last 64 queries).\n")
 
 
 def block_ablation(res: Results) -> str:
@@ -781,6 +861,8 @@ BLOCKS: Dict[str, Callable[[Results], str]] = {
     "bench_model": block_bench_model,
     "model_notes": block_model_notes,
     "bench_threads": block_bench_threads,
+    "tasks": block_tasks,
+    "tasks_notes": block_tasks_notes,
     "accuracy": block_accuracy,
     "accuracy_notes": block_accuracy_notes,
     "ablation": block_ablation,

@@ -11,8 +11,9 @@
 # report also written to a log directory. Exit status: non-zero when a test
 # fails or any sanitizer report was written. KEEP=1 keeps the copy.
 #
-# Skipped under the sanitizer: test_patching.py, test_models.py,
-# test_gemma3.py and test_eval.py (torch + Hugging Face models; slow and not our C code), and the
+# Skipped under the sanitizer: test_patching.py, test_models.py, test_gemma3.py,
+# test_eval.py, test_sweep.py and test_tasks.py (torch + Hugging Face models or
+# tokenizers; slow and not our C code), and the
 # tests that need a hard address-space limit (ASan reserves terabytes of
 # shadow memory) - they see DHSA_UNDER_SANITIZER=1.
 set -uo pipefail
@@ -71,7 +72,8 @@ else
     if [[ $# -eq 0 ]]; then
         set -- tests -q -p no:cacheprovider --ignore=tests/test_patching.py \
             --ignore=tests/test_models.py --ignore=tests/test_eval.py \
-            --ignore=tests/test_gemma3.py
+            --ignore=tests/test_gemma3.py --ignore=tests/test_sweep.py \
+            --ignore=tests/test_tasks.py
     fi
     echo "sanitize: python -m pytest $*"
     python -m pytest "$@"

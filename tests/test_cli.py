@@ -88,7 +88,7 @@ def test_eval_threads_reach_the_patch(monkeypatch):
     calls = []
 
     class Handle:
-        def mean_density(self):
+        def mean_density(self, include_dense=True):
             return 0.5
 
     monkeypatch.setattr(patching, "patch", lambda model, cfg, **kw: calls.append(kw) or Handle())

@@ -97,3 +97,44 @@ def test_density_mode_runs_sparse_on_full_layers_only(gemma, ids):
         assert torch.isfinite(out).all()
     finally:
         patching.unpatch(model)
+
+
+def test_demo_runs_on_gemma_with_a_completion_prompt(gemma, tmp_path):
+    """python -m dhsa demo --model gemma3: no chat template, BOS first, the picture
+    drawn from a full-attention layer (the sliding ones run exact)."""
+    from dhsa.harness.demo import build_prompt, run_demo
+    model, tok = gemma
+    ids, needle = build_prompt(tok, 1500, "48213", depth=0.5, fmt="completion")
+    text = tok.decode(ids[0])
+    assert ids[0, 0].item() == tok.bos_token_id and (ids[0] == tok.bos_token_id).sum() == 1
+    assert "<start_of_turn>" not in text and text.endswith("The pass key is")
+    assert "48213" in tok.decode(ids[0, needle[0]:needle[1]])
+    res = run_demo(1500, 512, out=str(tmp_path), model=model, tokenizer=tok, quiet=True,
+                   model_name="gemma3")
+    assert res["model"] == "gemma3" and res["runs"]["dense"]["correct"]
+    assert res["layer_pictured"] in _full_layers(model)
+    assert res["runs"]["dhsa"]["sparse_layers"] == len(_full_layers(model))
+    with pytest.raises(ValueError, match="model_name"):
+        run_demo(1500, 512, model=model, tokenizer=tok, quiet=True, model_name="gpt2")
+
+
+def test_harness_tasks_on_gemma(gemma):
+    """A completion-format pass key and NIAH answered by exact attention, and the
+    same prompt at matched density: the density is measured on the 3 full layers."""
+    from dhsa.harness import tasks
+    from dhsa.harness.eval import build_niah_prompt, haystack_text
+    from dhsa.harness.protocol import Runner, matched_config
+    model, tok = gemma
+    s = tasks.make_sample("passkey", tok, fmt="completion", length=2048, depth=0.5, seed=1)
+    with Runner(model, tok) as r:
+        dense = r.answer(s.prompt_ids, None, max_new_tokens=s.max_new_tokens)
+        assert tasks.score_output(s, dense["text"]) == 1.0, dense["text"]
+        sparse = r.answer(s.prompt_ids, matched_config("dhsa", 0.25, len(s.prompt_ids)),
+                          max_new_tokens=s.max_new_tokens)
+        assert sparse["density"] == pytest.approx(0.25, abs=0.01)
+        sparse_calls = [x for x in r.handle.stats if x.path == "sparse"]
+        assert sorted({x.layer for x in sparse_calls}) == _full_layers(model)
+    ids, at = build_niah_prompt(tok, haystack_text(None), 1024, 0.5, fmt="completion")
+    text = tok.decode(ids[0])
+    assert ids[0, 0].item() == tok.bos_token_id and text.endswith(
+        "Answer: The best thing to do in San Francisco is:")

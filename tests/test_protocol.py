@@ -126,8 +126,11 @@ def test_no_loss_depends_on_a_later_token(runner, method, continuation):
     cfg = matched_config(method, 0.25, L_TEST)
     ids = _ids(1)
     prefix, cont = ids[:-SCORED], ids[-SCORED:]
-    base = runner.causal_nll(prefix, cont, cfg, continuation=continuation)["nll"]
+    r0 = runner.causal_nll(prefix, cont, cfg, continuation=continuation)
+    base = r0["nll"]
     assert base.shape == (SCORED,) and np.all(np.isfinite(base))
+    if continuation == "sparse":  # the scored tokens really went through the method
+        assert r0["continuation_density"] < 0.5
     for j in (5, 64, 100, SCORED - 1):
         changed = list(cont)
         changed[j] = (changed[j] % 255) + 1
@@ -148,6 +151,22 @@ def test_the_one_forward_loss_does_depend_on_later_tokens(runner):
     nll = runner.leaky_nll(changed, cfg)["nll"]
     first = L_TEST - 32 - 1  # targets before the first changed token
     assert np.max(np.abs(nll[:first] - base[:first])) > 1e-4
+
+
+def test_one_forward_block_selection_lets_one_later_token_move_earlier_losses(runner):
+    """The leak the causal protocols close: with one forward and 64-query
+    blocks, changing a single token moves the loss of an earlier position in
+    its block for some position of the text."""
+    cfg = matched_config("dhsa", 0.25, L_TEST)
+    ids = _ids(6)
+    base = runner.leaky_nll(ids, cfg)["nll"]
+    moved = 0
+    for j in range(L_TEST - 64 * 6 + 40, L_TEST, 64):  # late in a block, far from the start
+        changed = list(ids)
+        changed[j] = (changed[j] % 255) + 1
+        nll = runner.leaky_nll(changed, cfg)["nll"]
+        moved += np.max(np.abs(nll[:j - 1] - base[:j - 1])) > 1e-6
+    assert moved >= 1
 
 
 def test_exact_protocols_agree_with_one_exact_forward(runner):

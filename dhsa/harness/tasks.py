@@ -172,10 +172,10 @@ def score_output(sample: Sample, text: str) -> float:
 def prompt_format(model_name: str) -> str:
     """The prompt format of a model of the harness: "chat" for the instruct
     SmolLM2, "completion" for the base Gemma-3."""
-    formats = {"smollm2": "chat", "gemma3": "completion"}
-    if model_name not in formats:
-        raise ValueError(f"model_name must be one of {tuple(formats)}, got {model_name!r}")
-    return formats[model_name]
+    from .models import MODELS
+    if model_name not in MODELS:
+        raise ValueError(f"model_name must be one of {tuple(MODELS)}, got {model_name!r}")
+    return MODELS[model_name]
 
 
 # ------------------------------------------------------------------ tokenizing

@@ -165,9 +165,11 @@ def plot_layer_stats(values: np.ndarray, *, label: str = "recall", title: str = 
     return fig
 
 
-def plot_niah(cells: Iterable[Mapping], *, title: str = "NIAH", vmax: float = 10.0):
+def plot_niah(cells: Iterable[Mapping], *, title: str = "NIAH", vmax: float = 10.0,
+              label: str = "score (0-10)"):
     """Length x depth heat map of NIAH scores (cells with ``length`` or
-    ``target_length``, ``depth`` and ``score``), mean score in the title."""
+    ``target_length``, ``depth`` and ``score``), mean score in the title;
+    ``label`` names the colour scale."""
     plt = _plt()
     cells = list(cells)
     key = "target_length" if cells and "target_length" in cells[0] else "length"
@@ -186,7 +188,7 @@ def plot_niah(cells: Iterable[Mapping], *, title: str = "NIAH", vmax: float = 10
     ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
-    fig.colorbar(im, ax=ax, pad=0.02).set_label("score (0-10)")
+    fig.colorbar(im, ax=ax, pad=0.02).set_label(label)
     ax.set_title(f"{title} (mean {np.nanmean(grid):.2f})")
     fig.tight_layout()
     return fig
