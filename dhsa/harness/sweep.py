@@ -353,6 +353,8 @@ def _fmt_cell(e: Dict, target: Optional[float], n: int) -> str:
     else:
         txt = f"{100 * e['mean']:.0f} [{100 * e['ci_low']:.0f}, {100 * e['ci_high']:.0f}]"
     notes = []
+    if "rouge1_x10" in e:  # the paper's NIAH score, beside the retrieval
+        notes.append(f"ROUGE-1 x 10: {e['rouge1_x10']:.1f}")
     if e["n"] != n:
         notes.append(f"n={e['n']}")
     if target is not None and e.get("density") is not None and abs(e["density"] - target) > 0.01:
