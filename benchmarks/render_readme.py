@@ -554,9 +554,13 @@ def _task_docs(res: Results):
 
 
 def _below_dense(e: dict) -> bool:
-    """Whether the paired difference from dense is worse beyond its 95% interval."""
+    """Worse than dense on the same prompts at the 5% level (as the summary's
+    ``worse_than_dense``: exact McNemar for exact match, the paired bootstrap
+    interval for shares and losses)."""
     if e.get("diff_ci_high") is None:
         return False
+    if e["scoring"] == "all":
+        return e["diff_vs_dense"] < 0 and e.get("mcnemar_p", 1.0) < 0.05
     return e["diff_ci_low"] > 0 if e["scoring"] == "loss" else e["diff_ci_high"] < 0
 
 
@@ -574,7 +578,8 @@ def _task_cell(e: Optional[dict], target: Optional[float], n: int) -> str:
         notes.append(f"ROUGE-1 × 10: {e['rouge1_x10']:.1f}")
     if e["n"] != n:
         notes.append(f"n = {e['n']}")
-    if target is not None and e.get("density") is not None and abs(e["density"] - target) > 0.01:
+    if (e["method"] != "dense" and target is not None and e.get("density") is not None
+            and abs(e["density"] - target) > 0.01):
         notes.append(f"density {e['density']:.3f}")
     return txt + (" ↓" if _below_dense(e) else "") + (f" ({', '.join(notes)})" if notes else "")
 
@@ -651,13 +656,14 @@ def _goal_lines(rows) -> List[str]:
         s = cells.get("streaming")
         mid = (s or {}).get("middle") or {}
         if k[0] in ("passkey", "niah_single") and not k[3] and "diff_vs_dense" in mid:
-            below = mid["diff_ci_high"] < 0
+            below = mid["diff_vs_dense"] < 0 and mid.get("mcnemar_p", 1.0) < 0.05
             lines.append(
                 f"- Goal \"sink + local at density {k[2]:.3f} measurably below dense at middle "
                 f"depths\" (Gemma-3, {TASK_NAMES[k[0]]}, {klen(k[1])}, needles at 25–75%): "
                 f"streaming − dense {100 * mid['diff_vs_dense']:+.0f} points "
                 f"[{100 * mid['diff_ci_low']:+.0f}, {100 * mid['diff_ci_high']:+.0f}], "
-                f"n = {mid['n']} ({'met' if below else 'not met'}).")
+                f"n = {mid['n']}, exact McNemar p = {mid.get('mcnemar_p', 1.0):.2f} "
+                f"({'met' if below else 'not met'}).")
     return lines
 
 
@@ -674,8 +680,8 @@ def block_tasks_notes(res: Results) -> str:
                     total[m] += 1
                     worse[m] += _below_dense(e)
         if total:
-            lines.append(f"- {short}: rows where a method is below dense beyond the 95% interval "
-                         f"of the paired difference (↓): " + ", ".join(
+            lines.append(f"- {short}: rows where a method is worse than dense at the 5% level "
+                         f"(↓): " + ", ".join(
                              f"{m} {worse[m]} of {total[m]}" for m in TASK_METHODS if m in total)
                          + ".")
         ahead = behind = tied = 0
@@ -687,8 +693,9 @@ def block_tasks_notes(res: Results) -> str:
                 behind += d < -1e-9
                 tied += abs(d) <= 1e-9
         if ahead + behind + tied:
-            lines.append(f"  DHSA against block_topk, row by row (mean score): ahead in {ahead}, "
-                         f"behind in {behind}, tied in {tied} of {ahead + behind + tied} rows.")
+            lines.append(f"  DHSA against block_topk, row by row (mean score, not a test): ahead "
+                         f"in {ahead}, behind in {behind}, tied in {tied} of "
+                         f"{ahead + behind + tied} rows.")
         if model == "gemma3":
             lines += _goal_lines(rows)
     return "\n".join(lines) + "\n" if lines else "No task sweep results yet.\n"

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import dhsa
-from dhsa.harness.intervals import bootstrap_mean, mean_ci, wilson
+from dhsa.harness.intervals import (bootstrap_mean, mcnemar_exact_p, mean_ci, paired_binary_ci,
+                                    paired_ci, wilson)
 from dhsa.harness.protocol import (PER_QUERY_CAUSAL, achieved_density, forced_keys,
                                    matched_config, per_query_config)
 
@@ -76,6 +77,28 @@ def test_bootstrap_interval_holds_the_mean_and_shrinks_with_n():
     assert bootstrap_mean([0.5, 0.5]) == (0.5, 0.5)
     m, lo, hi = mean_ci([1, 1, 0, 1], "all")
     assert m == 0.75 and lo < 0.75 < hi
+
+
+def test_paired_intervals_and_the_exact_test():
+    same = [1] * 10
+    lo, hi = paired_binary_ci(same, same)
+    assert lo < 0 < hi  # ten ties are not certainty of no difference
+    lo, hi = paired_binary_ci([0] * 10, same)
+    assert hi < -0.5 and lo == -1.0
+    # three disagreements of ten, all one way: an interval, but no difference proven
+    three = [0, 0, 0] + [1] * 7
+    assert mcnemar_exact_p(three, same) == pytest.approx(0.25)
+    assert mcnemar_exact_p([0] * 6 + [1] * 4, same) == pytest.approx(2 / 64)
+    assert mcnemar_exact_p(same, same) == 1.0
+    d, lo, hi = paired_ci(three, same, "all")
+    assert d == pytest.approx(-0.3) and lo < d < hi
+    d, lo, hi = paired_ci([0.5, 0.7, 0.9], [0.4, 0.4, 0.4], "share")
+    assert d == pytest.approx(0.3) and lo <= d <= hi
+    with pytest.raises(ValueError):
+        paired_binary_ci([0.5], [1])
+    # shares all alike: bounded as n proportions, not a zero-width interval
+    m, lo, hi = mean_ci([0.25] * 10, "share")
+    assert m == 0.25 and lo < 0.25 < hi
 
 
 # ---- the runner on a small random model ----------------------------------------
@@ -192,5 +215,7 @@ def test_dense_tail_answers_like_exact_when_the_prefix_is_exact(runner):
     assert tail["tokens"] == full["tokens"]
     sparse = runner.answer(ids, matched_config("streaming", 0.25, L_TEST), max_new_tokens=6)
     assert 0.22 < sparse["density"] < 0.28
+    assert full["sparse_layers"] == [] and sparse["sparse_layers"]  # which layers ran sparse
+    assert set(sparse["sparse_layers"]) <= set(runner.layers)
     with pytest.raises(ValueError, match="tail"):
         runner.answer(ids[:10], big, max_new_tokens=2, tail=10)

@@ -111,6 +111,7 @@ def test_result_numbers_outside_blocks_are_not_measurements():
     text = (ROOT / "README.md").read_text()
     part = text[text.index("<!-- rendered: speed_header -->"):text.index("## Layout")]
     outside = mod.BLOCK.sub("", part)
-    # a confidence level ("95% confidence interval", "the 95% interval") is not a result
-    found = re.findall(r"\d+(?:\.\d+)?\s?(?:%(?!\s(?:confidence|interval))|×(?!\d))", outside)
+    # a confidence or significance level ("95% confidence interval", "the 5% level")
+    # is a parameter of the statistics, not a result
+    found = re.findall(r"\d+(?:\.\d+)?\s?(?:%(?!\s(?:confidence|interval|level|bootstrap))|×(?!\d))", outside)
     assert not found, f"measured-looking numbers outside rendered blocks: {found}"

@@ -232,6 +232,8 @@ def run_ppl(model, tokenizer, *, methods: Sequence[str], budgets: Sequence[int],
                     r = runner.leaky_nll(ids, cfg)
                     r["nll"] = r["nll"][-scored:]
                 loss = float(np.mean(r["nll"]))
+                if r["density"] is None:  # no layer ran sparse: the budget covers every key
+                    r["density"] = 1.0
                 rows.append({"method": m, "budget": b, "length": len(ids), "scored": scored,
                              "protocol": protocol, "nll": loss, "ppl": math.exp(loss),
                              "density": r["density"], "seconds": time.perf_counter() - t})

@@ -15,7 +15,8 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["wilson", "bootstrap_mean", "mean_ci", "paired_binary_ci", "paired_ci"]
+__all__ = ["wilson", "bootstrap_mean", "mean_ci", "mcnemar_exact_p", "paired_binary_ci",
+           "paired_ci"]
 
 _Z95 = 1.959963984540054
 
@@ -52,7 +53,8 @@ def bootstrap_mean(values: Sequence[float], *, resamples: int = 2000, seed: int 
 
 def mean_ci(values: Sequence[float], scoring: str) -> Tuple[float, float, float]:
     """(mean, low, high): Wilson for 0/1 scores (``scoring == "all"``), else
-    the bootstrap."""
+    the bootstrap; shares that are all alike get the Wilson interval of n
+    samples instead of a zero-width one."""
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
         return (math.nan, math.nan, math.nan)
@@ -61,6 +63,8 @@ def mean_ci(values: Sequence[float], scoring: str) -> Tuple[float, float, float]
         lo, hi = wilson(float(x.sum()), int(x.size))
     else:
         lo, hi = bootstrap_mean(x)
+        if lo == hi and scoring == "share":  # every sample alike: the bootstrap has no spread,
+            lo, hi = wilson(float(x.sum()), int(x.size))  # so bound it as n proportions
     return (m, lo, hi)
 
 
@@ -99,3 +103,19 @@ def paired_ci(x: Sequence[float], y: Sequence[float], scoring: str) -> Tuple[flo
     else:
         lo, hi = bootstrap_mean(a - b)
     return (float(np.mean(a - b)), lo, hi)
+
+
+def mcnemar_exact_p(x: Sequence[float], y: Sequence[float]) -> float:
+    """Two-sided exact McNemar p-value of paired 0/1 scores: the binomial
+    probability, under no difference, of a split of the discordant pairs at
+    least as uneven as the observed one (1.0 when no pair is discordant)."""
+    a = np.asarray(x, dtype=np.float64)
+    b = np.asarray(y, dtype=np.float64)
+    only_x = int(np.sum((a == 1) & (b == 0)))
+    only_y = int(np.sum((a == 0) & (b == 1)))
+    n = only_x + only_y
+    if n == 0:
+        return 1.0
+    k = min(only_x, only_y)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)

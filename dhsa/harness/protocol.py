@@ -172,6 +172,11 @@ class Runner:
                               num_threads=self.num_threads)
         self.handle.reset()
 
+    def _sparse_layers(self) -> List[int]:
+        """Layers that ran the sparse path since the method was set."""
+        return sorted({r.layer for r in self.handle.stats if r.path == "sparse"
+                       and r.layer is not None})
+
     def _density(self) -> Optional[float]:
         """Mean density of the sparse-path calls since the method was set; None
         when none ran sparse (every layer dense or exact)."""
@@ -194,27 +199,28 @@ class Runner:
                max_new_tokens: int, tail: int = 0, eos_token_id=None) -> Dict:
         """Greedy answer to a prompt: {tokens, text (if a tokenizer was given),
         density (of the method's prefill over the layers that ran sparse; 1.0
-        for exact attention, None if no layer ran sparse), prefill_seconds,
-        seconds}. ``cfg`` None is exact attention; ``tail`` > 0 prefills the
+        for exact attention, None if no layer ran sparse), sparse_layers (those
+        layers), prefill_seconds, seconds}. ``cfg`` None is exact attention; ``tail`` > 0 prefills the
         last ``tail`` prompt tokens exactly."""
         t0 = time.perf_counter()
         ids = list(prompt_ids)
         if tail < 0:
             raise ValueError(f"tail must be >= 0, got {tail}")
         density: Optional[float] = 1.0
+        sparse_layers: List[int] = []
         if cfg is None:
             self._exact()
             past, logits = self._forward(ids)
         elif tail <= 0:
             self._method(cfg)
             past, logits = self._forward(ids)
-            density = self._density()
+            density, sparse_layers = self._density(), self._sparse_layers()
         else:
             if tail >= len(ids):
                 raise ValueError(f"tail ({tail}) must be shorter than the prompt ({len(ids)})")
             self._method(cfg)
             past, _ = self._forward(ids[:-tail])
-            density = self._density()
+            density, sparse_layers = self._density(), self._sparse_layers()
             self._exact()
             past, logits = self._forward(ids[-tail:], past)
         self._exact()
@@ -230,8 +236,8 @@ class Runner:
             if t in stop or i == max_new_tokens - 1:
                 break
             past, logits = self._forward([t], past)
-        out = {"tokens": toks, "density": density, "prefill_seconds": t1 - t0,
-               "seconds": time.perf_counter() - t0}
+        out = {"tokens": toks, "density": density, "sparse_layers": sparse_layers,
+               "prefill_seconds": t1 - t0, "seconds": time.perf_counter() - t0}
         if self.tokenizer is not None:
             out["text"] = " ".join(self.tokenizer.decode(toks, skip_special_tokens=True).split())
         return out

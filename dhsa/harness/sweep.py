@@ -32,11 +32,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .intervals import mean_ci, paired_ci
+from .intervals import mcnemar_exact_p, mean_ci, paired_ci
 from .models import MODELS, load_model, load_tokenizer
 
 __all__ = ["SWEEP_METHODS", "PPL_SCORED", "cell_key", "markdown_table", "plot_heatmaps",
-           "ppl_sample", "read_jsonl", "run_sweep", "summarize_sweep"]
+           "ppl_sample", "read_jsonl", "run_sweep", "summarize_sweep", "worse_than_dense"]
 
 SWEEP_METHODS = ("dense", "dhsa", "block_topk", "streaming", "vertical_slash")
 #: tokens of a perplexity sample that are scored (the rest is the prefix)
@@ -276,14 +276,18 @@ def _depth_bin(depth: float) -> int:
 
 
 def _paired(rs: List[Dict], dense: Dict[str, float], scoring: str) -> Dict:
-    """{n_paired, diff_vs_dense, diff_ci_low, diff_ci_high} of rows against the
-    dense rows of the same prompts ({} without any pair)."""
+    """{n_paired, diff_vs_dense, diff_ci_low, diff_ci_high (and for 0/1 scores
+    mcnemar_p)} of rows against the dense rows of the same prompts ({} without
+    any pair)."""
     pairs = [(r["score"], dense[r["prompt_hash"]]) for r in rs if r.get("prompt_hash") in dense]
     if not pairs:
         return {}
     x, y = zip(*pairs)
     d, lo, hi = paired_ci(x, y, scoring)
-    return {"n_paired": len(pairs), "diff_vs_dense": d, "diff_ci_low": lo, "diff_ci_high": hi}
+    out = {"n_paired": len(pairs), "diff_vs_dense": d, "diff_ci_low": lo, "diff_ci_high": hi}
+    if scoring == "all":
+        out["mcnemar_p"] = mcnemar_exact_p(x, y)
+    return out
 
 
 def _dedupe(rows: Iterable[Dict]) -> List[Dict]:
@@ -346,8 +350,9 @@ def summarize_sweep(rows: Iterable[Dict]) -> List[Dict]:
 
 
 def _fmt_cell(e: Dict, target: Optional[float], n: int) -> str:
-    """"mean [low, high]" (% for exact match, nats for losses), flagged with its
-    own n or density where they differ from the row's."""
+    """"mean [low, high]" (% for exact match, nats for losses), ↓ when worse than
+    dense (:func:`worse_than_dense`), flagged with its own n or density where
+    they differ from the row's."""
     if e["scoring"] == "loss":
         txt = f"{e['mean']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
     else:
@@ -357,15 +362,27 @@ def _fmt_cell(e: Dict, target: Optional[float], n: int) -> str:
         notes.append(f"ROUGE-1 x 10: {e['rouge1_x10']:.1f}")
     if e["n"] != n:
         notes.append(f"n={e['n']}")
-    if target is not None and e.get("density") is not None and abs(e["density"] - target) > 0.01:
+    if (e["method"] != "dense" and target is not None and e.get("density") is not None
+            and abs(e["density"] - target) > 0.01):
         notes.append(f"density {e['density']:.3f}")
-    return txt + (f" ({', '.join(notes)})" if notes else "")
+    return txt + (" ↓" if worse_than_dense(e) else "") + (f" ({', '.join(notes)})" if notes else "")
+
+
+def worse_than_dense(e: Dict) -> bool:
+    """Whether a summary entry is worse than dense on the same prompts at the 5%
+    level: exact-match scores lower with the exact McNemar p < 0.05; shares lower
+    and losses higher beyond the 95% bootstrap interval of the paired difference."""
+    if e.get("diff_ci_high") is None:
+        return False
+    if e["scoring"] == "all":
+        return e["diff_vs_dense"] < 0 and e.get("mcnemar_p", 1.0) < 0.05
+    return e["diff_ci_low"] > 0 if e["scoring"] == "loss" else e["diff_ci_high"] < 0
 
 
 def markdown_table(entries: Sequence[Dict]) -> str:
     """Rows: model, task, length, density target, tail / protocol; columns:
     methods. Exact-match scores in % with their 95% CI; losses in nats per
-    token; a cell whose n or density differs from the row's says so."""
+    token; ↓ marks a method worse than dense (:func:`worse_than_dense`); a cell whose n or density differs from the row's says so."""
     methods = [m for m in SWEEP_METHODS if any(e["method"] == m for e in entries)]
     by: Dict[Tuple, Dict[str, Dict]] = defaultdict(dict)
     dense: Dict[Tuple, Dict] = {}
