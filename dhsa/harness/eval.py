@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import DHSAConfig
 from .cli import add_config_options, config_changes
+from .models import MODELS
 
 __all__ = ["NEEDLE", "QUESTION", "ANSWER_PREFIX", "rouge1_f1", "niah_score", "niah_retrieved",
            "haystack_text",
@@ -283,7 +284,7 @@ def run_recall(model, tokenizer, *, methods: Sequence[str], budgets: Sequence[in
 # ---- command line ----------------------------------------------------------
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2",
+    p.add_argument("--model", choices=tuple(MODELS), default="smollm2",
                    help="smollm2 (chat prompts, 8K context) or gemma3 (base model, completion "
                         "prompts, 32K context)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,

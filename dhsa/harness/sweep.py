@@ -287,6 +287,7 @@ def _paired(rs: List[Dict], dense: Dict[str, float], scoring: str) -> Dict:
     out = {"n_paired": len(pairs), "diff_vs_dense": d, "diff_ci_low": lo, "diff_ci_high": hi}
     if scoring == "all":
         out["mcnemar_p"] = mcnemar_exact_p(x, y)
+    out["worse_than_dense"] = worse_than_dense({"scoring": scoring, **out})
     return out
 
 
