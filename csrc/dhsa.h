@@ -232,6 +232,7 @@ typedef struct dhsa_predict_params {
     int64_t max_chunks;       /* dynamic: 0 no cap, else at most max_chunks - 1 boundaries (the last chunk takes the rest) */
     int normalization;        /* enum dhsa_normalization */
     int method;               /* enum dhsa_method */
+    int64_t dense_tail;       /* >= 0: the blocks holding the last dense_tail queries keep all their keys */
 } dhsa_predict_params;
 
 /* A whole prediction, allocated by dhsa_predict, released with

@@ -559,6 +559,7 @@ static const struct { const char *name; int kind; size_t offset; } config_fields
     {"max_chunks", FIELD_OPT_INT, offsetof(dhsa_predict_params, max_chunks)},
     {"normalization", FIELD_ENUM, offsetof(dhsa_predict_params, normalization)},
     {"method", FIELD_ENUM, offsetof(dhsa_predict_params, method)},
+    {"dense_tail", FIELD_INT, offsetof(dhsa_predict_params, dense_tail)},
 };
 
 #define NUM_CONFIG_FIELDS (sizeof(config_fields) / sizeof(config_fields[0]))

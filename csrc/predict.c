@@ -92,6 +92,7 @@ static dhsa_predict_params resolved(const dhsa_predict_params *in, const dhsa_at
     p.max_chunk = DHSA_MIN(p.max_chunk, Lk);
     p.nms_radius = DHSA_MIN(p.nms_radius, Lk);
     p.max_chunks = DHSA_MIN(p.max_chunks, Lk);
+    p.dense_tail = DHSA_MIN(p.dense_tail, s->Lq);
     return p;
 }
 

@@ -2,9 +2,9 @@
  * rules.h - the one C home of the rules every stage of the core shares.
  *
  * Which key a query may see, the geometry of a block of queries, how many
- * keys a query block keeps (sink + local + budget clamp), which KV head and
- * which selection / chunking group a query head belongs to, and the
- * normalisation of a masked softmax row. attention.c and the prediction
+ * keys a query block keeps (sink + local + budget clamp + dense tail),
+ * which KV head and which selection / chunking group a query head belongs
+ * to, and the normalisation of a masked softmax row. attention.c and the prediction
  * (selection.c, predict.c) call these instead of writing them out again.
  * The Python twin is dhsa/rules.py (named per function below); both state
  * the rules dhsa/reference.py specifies.
@@ -89,6 +89,14 @@ static inline int64_t dhsa_rule_allowed_pairs(const dhsa_attn_shape *s, const dh
 
 /* ---- keys a query block keeps -------------------------------------------- */
 
+/* Whether block g holds one of the last dense_tail queries of the call (the
+ * question at the end of a prompt): such a block keeps all its allowed keys.
+ * Twin: rules.in_dense_tail. */
+static inline int dhsa_rule_in_dense_tail(const dhsa_attn_shape *s, const dhsa_block_geom *g,
+                                          int64_t dense_tail) {
+    return dense_tail > 0 && g->i0 + g->nq > s->Lq - dense_tail;
+}
+
 /* Of the block's allowed keys [g->lo, g->hi):
  *   sink   [lo, sink_end)     the first `sink` allowed keys,
  *   local  [loc_a, loc_b)     the `local` keys before the block and the
@@ -98,33 +106,32 @@ static inline int64_t dhsa_rule_allowed_pairs(const dhsa_attn_shape *s, const dh
  *   tokens    max(budget, forced)
  *   density   max(ceil(density * allowed), forced)
  *   adaptive  [max(min_budget, forced), max(max_budget, forced)]
- * and when allowed <= lo_clamp it keeps all of them (`dense`).
- * mode is an enum dhsa_budget_mode. Twins: rules.forced_ranges and
- * rules.budget_clamp. */
+ * and it keeps all of them (`dense`) when allowed <= lo_clamp or when it is
+ * in the dense tail. Twins: rules.forced_ranges, rules.budget_clamp and
+ * rules.in_dense_tail. */
 typedef struct {
     int64_t sink_end, loc_a, loc_b, forced, lo_clamp, hi_clamp;
     int dense;
 } dhsa_block_keep;
 
-static inline dhsa_block_keep dhsa_rule_keep(const dhsa_block_geom *g, int64_t sink,
-                                             int64_t local, int mode, int64_t budget,
-                                             double density, int64_t min_budget,
-                                             int64_t max_budget) {
+static inline dhsa_block_keep dhsa_rule_keep(const dhsa_attn_shape *s, const dhsa_block_geom *g,
+                                             const dhsa_predict_params *p) {
     dhsa_block_keep k;
     const int64_t allowed = g->hi - g->lo;
-    k.sink_end = DHSA_MIN(g->lo + sink, g->hi);
-    k.loc_a = DHSA_MAX(k.sink_end, g->spos - local);
+    k.sink_end = DHSA_MIN(g->lo + p->sink, g->hi);
+    k.loc_a = DHSA_MAX(k.sink_end, g->spos - p->local);
     k.loc_b = DHSA_MAX(k.loc_a, DHSA_MIN(g->hi, g->epos + 1));
     k.forced = (k.sink_end - g->lo) + (k.loc_b - k.loc_a);
-    if (mode == DHSA_BUDGET_ADAPTIVE) {
-        k.lo_clamp = DHSA_MAX(min_budget, k.forced);
-        k.hi_clamp = DHSA_MAX(max_budget, k.forced);
+    if (p->budget_mode == DHSA_BUDGET_ADAPTIVE) {
+        k.lo_clamp = DHSA_MAX(p->min_budget, k.forced);
+        k.hi_clamp = DHSA_MAX(p->max_budget, k.forced);
     } else {
-        const int64_t bud = mode == DHSA_BUDGET_TOKENS ? budget
-                                                      : (int64_t)ceil(density * (double)allowed);
+        const int64_t bud = p->budget_mode == DHSA_BUDGET_TOKENS
+                                ? p->budget
+                                : (int64_t)ceil(p->density * (double)allowed);
         k.lo_clamp = k.hi_clamp = DHSA_MAX(bud, k.forced);
     }
-    k.dense = allowed <= k.lo_clamp;
+    k.dense = allowed <= k.lo_clamp || dhsa_rule_in_dense_tail(s, g, p->dense_tail);
     return k;
 }
 

@@ -42,7 +42,9 @@ static int params_check(const dhsa_attn_shape *s, const dhsa_predict_params *p) 
     int st = dhsa_attn_shape_check(s);
     if (st != DHSA_OK) return st;
     if (!p || p->granularity < 0 || p->granularity > 2 || p->block_size < 1) return DHSA_EINVAL;
-    if (p->sink < 0 || p->local < 0 || p->budget_mode < 0 || p->budget_mode > 2) return DHSA_EINVAL;
+    if (p->sink < 0 || p->local < 0 || p->dense_tail < 0 || p->budget_mode < 0 ||
+        p->budget_mode > 2)
+        return DHSA_EINVAL;
     if (p->budget_mode == DHSA_BUDGET_TOKENS && p->budget < 1) return DHSA_EINVAL;
     if (p->budget_mode == DHSA_BUDGET_DENSITY && !(p->density > 0.0 && p->density <= 1.0))
         return DHSA_EINVAL;
@@ -222,8 +224,7 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const dhsa_block_geo
                             piece *sel, piece *kept, double *tmp) {
     const int64_t D = s->D;
     /* the always-kept sink and local keys and the budget clamp (rules.h) */
-    const dhsa_block_keep keep = dhsa_rule_keep(g, p->sink, p->local, p->budget_mode, p->budget,
-                                                p->density, p->min_budget, p->max_budget);
+    const dhsa_block_keep keep = dhsa_rule_keep(s, g, p);
     const int64_t sink_end = keep.sink_end, loc_a = keep.loc_a, loc_b = keep.loc_b;
     const int64_t forced = keep.forced, lo_clamp = keep.lo_clamp, hi_clamp = keep.hi_clamp;
     if (keep.dense) { /* not enough keys to be sparse: dense block */

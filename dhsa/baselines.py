@@ -23,8 +23,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from .config import DHSAConfig
-from .rules import (block_geometry, budget_clamp, forced_ranges, group_heads, masked_softmax,
-                    selection_groups, softcap_logits, visible_rows)
+from .rules import (block_geometry, budget_clamp, forced_ranges, group_heads, in_dense_tail,
+                    masked_softmax, selection_groups, softcap_logits, visible_rows)
 
 __all__ = ["baseline_ranges"]
 
@@ -89,7 +89,7 @@ def baseline_ranges(method: str, q: np.ndarray, k: np.ndarray, cfg: DHSAConfig, 
                 budget = budget_clamp(allowed, forced, mode=cfg.budget_mode, budget=cfg.budget,
                                       density=cfg.density, min_budget=cfg.min_budget,
                                       max_budget=cfg.max_budget)[1]
-                if allowed <= budget:
+                if allowed <= budget or in_dense_tail(geom, Lq, cfg.dense_tail):
                     ranges = [(lo, hi)]
                 else:
                     free = budget - forced

@@ -52,7 +52,12 @@ class DHSAConfig:
     - ``budget_mode="adaptive"``: the fewest best chunks whose estimated
       attention mass reaches ``mass``, clamped to [min_budget, max_budget].
 
-    Blocks that may see no more keys than their budget run densely.
+    Blocks that may see no more keys than their budget run densely, and so do
+    the blocks holding the last ``dense_tail`` queries of a call (0: none):
+    the question at the end of a prompt then reads every key, at a cost of
+    about ``dense_tail`` x Lk pairs (the authors' code uses 64). In a model the
+    tail is the end of each prefill call; a call of at most ``dense_tail``
+    queries runs dense.
 
     Chunking of the keys: ``chunking="dynamic"`` places boundaries where the
     mean key of the ``boundary_window`` keys after a position departs from
@@ -104,11 +109,13 @@ class DHSAConfig:
     normalization: str = "sqrt"
     method: str = "dhsa"
     last_queries: int = 64
+    dense_tail: int = 0
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("normalization", self.normalization, tuple(NORMALIZATIONS))
         _int("last_queries", self.last_queries, 1)
+        _int("dense_tail", self.dense_tail, 0)
         _int("budget", self.budget, 1)
         _int("block_size", self.block_size, 1)
         if self.block_size > 4096:

@@ -16,8 +16,8 @@ from .config import BUDGET_MODES, GRANULARITIES  # noqa: F401  (the names of the
 # the rules (visibility, block geometry, clamp, softmax, head mapping) live in
 # dhsa.rules; this module states the algorithm with them
 from .rules import (block_geometry, budget_clamp, chunk_groups, expand_kv,
-                    forced_ranges, group_heads, masked_softmax_weights, selection_groups,
-                    selection_mask, softcap_logits, visible_mask, visible_rows)
+                    forced_ranges, group_heads, in_dense_tail, masked_softmax_weights,
+                    selection_groups, selection_mask, softcap_logits, visible_mask, visible_rows)
 
 __all__ = [
     "visible_rows",
@@ -179,7 +179,7 @@ def _select_block(rq, kP, bounds, geom, cfg, scale):
     lo_clamp, hi_clamp = budget_clamp(allowed, forced, mode=mode, budget=cfg["budget"],
                                       density=cfg["density"], min_budget=cfg["min_budget"],
                                       max_budget=cfg["max_budget"])
-    if allowed <= lo_clamp:
+    if allowed <= lo_clamp or in_dense_tail(geom, cfg["Lq"], cfg["dense_tail"]):
         return [(lo, hi)]
 
     pieces = []  # (score, a, b)
@@ -248,7 +248,8 @@ def predict(q, k, *, block_size: int = 64, sink: int = 64, local: int = 256,
             threshold: float = 0.2, min_len: int = 4, max_len: int = 16,
             nms_radius: int = 4, max_chunks: int = 0, bounds=None,
             causal: bool = True, scale: Optional[float] = None,
-            window: Optional[int] = None, key_norm: float = 0.5) -> dict:
+            window: Optional[int] = None, key_norm: float = 0.5,
+            dense_tail: int = 0) -> dict:
     """The whole DHSA prediction in float64 (mirrors dhsa_predict_* in C).
 
     Returns a dict with ``bounds`` (list of arrays, one per chunking group),
@@ -270,7 +271,8 @@ def predict(q, k, *, block_size: int = 64, sink: int = 64, local: int = 256,
                 bounds.append(find_boundaries(sc, threshold, min_len, max_len, nms_radius,
                                               max_chunks))
     cfg = dict(sink=sink, local=local, mode=mode, budget=budget, density=density, mass=mass,
-               min_budget=min_budget, max_budget=max_budget, key_norm=key_norm)
+               min_budget=min_budget, max_budget=max_budget, key_norm=key_norm,
+               Lq=Lq, dense_tail=dense_tail)
     nqb = -(-Lq // block_size)
     offsets, starts, ends = [0], [], []
     for b in range(B):

@@ -10,7 +10,8 @@ rules in ``csrc/`` and the tests hold the two to each other.
   ``[lo, hi)`` of :func:`visible_span` (causal: ``j <= p``; a window ``w``:
   ``j > p - w``, and without causality also ``j < p + w``);
 - the query-block geometry (:func:`block_geometry`) and the sink + local +
-  budget clamp of one block (:func:`forced_ranges`, :func:`budget_clamp`);
+  budget clamp of one block (:func:`forced_ranges`, :func:`budget_clamp`)
+  and the dense tail (:func:`in_dense_tail`);
 - the masked softmax (:func:`masked_softmax_weights`,
   :func:`masked_softmax`): masked logits are -inf, a fully masked row gives
   zeros, never NaN;
@@ -41,6 +42,7 @@ __all__ = [
     "block_geometry",
     "forced_ranges",
     "budget_clamp",
+    "in_dense_tail",
     "softcap_logits",
     "masked_softmax_weights",
     "masked_softmax",
@@ -149,6 +151,12 @@ def budget_clamp(allowed: int, forced: int, *, mode: str, budget: int, density: 
         return max(min_budget, forced), max(max_budget, forced)
     bud = budget if mode == "tokens" else int(math.ceil(density * allowed))
     return max(bud, forced), max(bud, forced)
+
+
+def in_dense_tail(geom: BlockGeometry, Lq: int, dense_tail: int) -> bool:
+    """Whether the block holds one of the last ``dense_tail`` of the ``Lq``
+    queries: such a block keeps all its allowed keys."""
+    return dense_tail > 0 and geom.i0 + geom.nq > Lq - dense_tail
 
 
 # ---- the masked softmax -----------------------------------------------------

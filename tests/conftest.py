@@ -42,7 +42,8 @@ def predict_kwargs(cfg: dhsa.DHSAConfig) -> dict:
                 min_budget=cfg.min_budget, max_budget=cfg.max_budget,
                 granularity=cfg.granularity, boundary_window=cfg.boundary_window,
                 threshold=cfg.threshold, min_len=cfg.min_chunk, max_len=cfg.max_chunk,
-                nms_radius=cfg.nms_radius, max_chunks=cfg.max_chunks or 0)
+                nms_radius=cfg.nms_radius, max_chunks=cfg.max_chunks or 0,
+                dense_tail=cfg.dense_tail)
 
 
 def tokens_mode_density(L: int, block: int, budget: int) -> float:

@@ -212,7 +212,7 @@ PREDICT_BASE = dict(granularity="kv_head", block_size=8, sink=4, local=16,
                     budget_mode="tokens", budget=40, density=0.3, mass=0.9, min_budget=8,
                     max_budget=48, chunking="dynamic", chunk_size=8, boundary_window=4,
                     threshold=0.2, min_chunk=2, max_chunk=8, nms_radius=2, max_chunks=None,
-                    normalization="sqrt", method="dhsa")
+                    normalization="sqrt", method="dhsa", dense_tail=0)
 
 
 def core_config(**fields):
@@ -222,13 +222,13 @@ EDGE = [2**31 - 1, 2**31, 2**32 + 1, 2**62, 2**63 - 1]
 
 @pytest.mark.parametrize("field", ["block_size", "sink", "local", "budget", "min_budget",
                                    "max_budget", "boundary_window", "min_chunk", "max_chunk",
-                                   "nms_radius", "max_chunks", "chunk_size"])
+                                   "nms_radius", "max_chunks", "chunk_size", "dense_tail"])
 @pytest.mark.parametrize("mode", ["tokens", "adaptive"])
 def test_predict_int_options_at_int64_edge_mean_the_length(field, mode):
     """Every count option past the sequence length behaves as the length itself."""
     q, k, _ = make_qkv(np.random.default_rng(3), 1, 4, 2, 40, 70, 16)
     Lq, Lk = 40, 70
-    cut = Lq if field == "block_size" else Lk
+    cut = Lq if field in ("block_size", "dense_tail") else Lk
     base = dict(budget_mode=mode)
     if field == "min_chunk":
         base["max_chunk"] = 2**63 - 1

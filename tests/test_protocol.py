@@ -30,6 +30,19 @@ def test_matched_config_reaches_the_target_for_every_method(L, target):
         assert sel.density == pytest.approx(target, abs=0.003)
 
 
+@pytest.mark.parametrize("tail", [1, 64, 100])
+def test_achieved_density_counts_the_dense_tail(tail):
+    L = 2048
+    rng = np.random.default_rng(tail)
+    q = rng.standard_normal((1, 2, L, 16)).astype(np.float32)
+    k = rng.standard_normal((1, 1, L, 16)).astype(np.float32)
+    for m in METHODS:
+        cfg = matched_config(m, 0.125, L).replace(dense_tail=tail)
+        got = dhsa.predict_selection(q, k, cfg).density
+        assert got == pytest.approx(achieved_density(cfg, L), abs=1e-9)
+        assert got > achieved_density(cfg.replace(dense_tail=0), L)
+
+
 def test_forced_keys_scale_down_at_short_lengths_and_keep_the_defaults_at_long():
     assert forced_keys(0.125, 32768) == (64, 256)
     s, l = forced_keys(0.125, 4096)
@@ -219,3 +232,21 @@ def test_dense_tail_answers_like_exact_when_the_prefix_is_exact(runner):
     assert set(sparse["sparse_layers"]) <= set(runner.layers)
     with pytest.raises(ValueError, match="tail"):
         runner.answer(ids[:10], big, max_new_tokens=2, tail=10)
+
+
+@pytest.mark.parametrize("method", ["dhsa", "streaming"])
+def test_config_dense_tail_is_the_harness_tail(runner, method):
+    """DHSAConfig.dense_tail in one forward computes what the harness's tail
+    does in two (the method over the prefix, then the tail exactly over its
+    cache) when the prefix ends on a block boundary."""
+    ids, T = _ids(7), 64
+    cfg = matched_config(method, 0.25, L_TEST - T)
+    runner._method(cfg)
+    past, _ = runner._forward(ids[:-T])
+    runner._exact()
+    _, two = runner._forward(ids[-T:], past)
+    runner._method(cfg.replace(dense_tail=T))
+    _, one = runner._forward(ids)
+    assert runner._sparse_layers()
+    runner._exact()
+    np.testing.assert_allclose(one[-1].numpy(), two[-1].numpy(), rtol=1e-4, atol=1e-4)

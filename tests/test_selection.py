@@ -75,7 +75,8 @@ def check_properties(sel, cfg, Lq, Lk, causal=True, window=None):
         else:
             bud = cfg.budget if cfg.budget_mode == "tokens" else math.ceil(cfg.density * allowed)
             lo_clamp = hi_clamp = max(bud, forced)
-        if allowed <= lo_clamp:
+        in_tail = cfg.dense_tail > 0 and i0 + nq > Lq - cfg.dense_tail
+        if allowed <= lo_clamp or in_tail:
             dense_blocks += 1
             assert r.tolist() == [[lo, hi]], (qb, r)
         else:
@@ -127,6 +128,11 @@ CASES = [
     ((1, 2, 1, 100, 300, 32), dict(), dict(scale=0.5)),
     ((1, 2, 1, 100, 300, 32), dict(budget_mode="adaptive"), dict(scale=0.0625)),
     ((1, 4, 2, 64, 400, 128), dict(budget=150), dict()),
+    ((1, 4, 2, 100, 300, 32), dict(dense_tail=20), dict()),
+    ((1, 4, 2, 100, 300, 32), dict(dense_tail=1, budget_mode="density"), dict(window=120)),
+    ((2, 4, 2, 100, 300, 32), dict(dense_tail=50, budget_mode="adaptive",
+                                   granularity="query_head"), dict()),
+    ((1, 2, 1, 100, 300, 32), dict(dense_tail=100), dict(causal=False)),
 ]
 
 
@@ -340,6 +346,40 @@ def test_inputs_not_modified(rng):
     np.testing.assert_array_equal(k, kc)
 
 
+def test_dense_tail_blocks_keep_every_key(rng):
+    # the blocks holding the last dense_tail queries keep all their keys (block 12
+    # holds queries 192..199, block 11 176..191), the
+    # others are the selection without a tail, range for range
+    q, k, v = make_qkv(rng, 1, 4, 2, 200, 400, 32)
+    cfg = base_cfg(budget_mode="density", density=0.2)
+    plain = dhsa.predict_selection(q, k, cfg)
+    for tail, dense_from in ((1, 12), (8, 12), (9, 11), (24, 11), (25, 10), (300, 0)):
+        sel = dhsa.predict_selection(q, k, cfg.replace(dense_tail=tail))
+        for b, g, qb, r in blocks_of(sel):
+            if qb >= dense_from:
+                i0, nq, spos, epos, lo, hi = geometry(200, 400, 16, qb)
+                assert r.tolist() == [[lo, hi]], (tail, qb)
+            else:
+                np.testing.assert_array_equal(r, plain.ranges(b, g, qb), err_msg=f"{tail} {qb}")
+        assert (sel.density > plain.density) == (tail > 0)
+    # a tail over every query is dense attention
+    out = dhsa.sparse_attention(q, k, v, cfg.replace(dense_tail=200))
+    np.testing.assert_allclose(out, dhsa.dense_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["streaming", "vertical_slash", "oracle", "block_topk"])
+def test_dense_tail_applies_to_every_method(rng, method):
+    q, k, _ = make_qkv(rng, 1, 4, 2, 128, 256, 16)
+    cfg = base_cfg(method=method, chunk_size=8, last_queries=16, dense_tail=20)
+    sel = dhsa.predict_selection(q, k, cfg)
+    plain = dhsa.predict_selection(q, k, cfg.replace(dense_tail=0))
+    for b, g, qb, r in blocks_of(sel):
+        if qb >= 6:  # blocks 6 and 7 hold the last 20 queries
+            assert r.tolist() == [[0, 256 - 128 + 16 * qb + 16]], (qb, r)
+        else:
+            np.testing.assert_array_equal(r, plain.ranges(b, g, qb))
+
+
 def test_lq_one(rng):
     q, k, _ = make_qkv(rng, 1, 2, 2, 1, 300, 32)
     cfg = base_cfg()
@@ -378,7 +418,8 @@ def predict_problems(draw):
         granularity=draw(st.sampled_from(["layer", "kv_head", "query_head"])),
         max_chunks=draw(st.one_of(st.none(), st.integers(1, 20))),
         chunking=draw(st.sampled_from(["dynamic", "dynamic", "fixed"])),
-        chunk_size=draw(st.integers(1, 50)))
+        chunk_size=draw(st.integers(1, 50)),
+        dense_tail=draw(st.sampled_from([0, 0, 1, bs, Lq // 3, Lq + 5])))
     opts = {}
     if draw(st.booleans()):
         opts["causal"] = False

@@ -329,6 +329,7 @@ def test_config_wrong_type(fn, qkv, config):
     (dict(chunk_size=0), "chunk_size"),
     (dict(boundary_window=0), "boundary_window"),
     (dict(nms_radius=-1), "nms_radius"),
+    (dict(dense_tail=-1), "dense_tail"),
     (dict(max_chunks=0), "max_chunks"),
     (dict(threshold=-1), "threshold"),
     (dict(threshold=2.5), "threshold"),
@@ -347,7 +348,8 @@ def test_config_bad_values(changes, field):
 
 @pytest.mark.parametrize("field", ["budget", "block_size", "sink", "local", "min_budget",
                                    "max_budget", "chunk_size", "boundary_window", "min_chunk",
-                                   "max_chunk", "nms_radius", "max_chunks"])
+                                   "max_chunk", "nms_radius", "max_chunks",
+                                   "dense_tail"])
 @pytest.mark.parametrize("value", [True, False, 2.0, "8"])
 def test_config_int_fields_reject_non_ints(field, value):
     with pytest.raises(TypeError, match=rf"\b{field}\b"):
@@ -629,7 +631,8 @@ def test_core_refuses_unsafe_values_itself(qkv, cfg):
     for mode, field, bad in [("tokens", "block_size", 0), ("tokens", "sink", -1),
                              ("tokens", "budget", 0), ("density", "density", 0.0),
                              ("adaptive", "mass", 1.5), ("adaptive", "min_budget", 0),
-                             ("tokens", "boundary_window", 0), ("tokens", "min_chunk", 0)]:
+                             ("tokens", "boundary_window", 0), ("tokens", "min_chunk", 0),
+                             ("tokens", "dense_tail", -1)]:
         ns = types.SimpleNamespace(**dict(_core_fields(cfg), budget_mode=mode, **{field: bad}))
         with pytest.raises(ValueError, match="predict: invalid argument"):
             _core.predict(q, k, ns)

@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..config import DHSAConfig
-from ..rules import block_geometry, budget_clamp, forced_ranges
+from ..rules import block_geometry, budget_clamp, forced_ranges, in_dense_tail
 
 __all__ = ["Runner", "achieved_density", "forced_keys", "matched_config", "per_query_config"]
 
@@ -72,7 +72,7 @@ def achieved_density(cfg: DHSAConfig, length: int) -> float:
         lo, _ = budget_clamp(allowed, forced, mode=cfg.budget_mode, budget=cfg.budget,
                              density=cfg.density, min_budget=cfg.min_budget,
                              max_budget=cfg.max_budget)
-        if allowed <= lo:
+        if allowed <= lo or in_dense_tail(g, L, cfg.dense_tail):
             sel += pairs
         else:  # keys before the block: seen by all its queries; its own: a triangle
             sel += g.nq * (lo - g.nq) + g.nq * (g.nq + 1) // 2
