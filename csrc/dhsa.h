@@ -198,13 +198,19 @@ enum dhsa_normalization {
     DHSA_NORM_SUM = 2,        /* "sum": the plain sum */
 };
 
+enum dhsa_chunk_score {
+    DHSA_SCORE_MEAN = 0,      /* "mean": r_q . r_k of the block and piece representations */
+    DHSA_SCORE_MAX = 1,       /* "max": the largest r_q . k_j over the piece's keys */
+};
+
 enum dhsa_method {
     DHSA_METHOD_DHSA = 0,       /* "dhsa" */
     DHSA_METHOD_BLOCK_TOPK = 1, /* "block_topk": fixed chunks of chunk_size, mean-pooled */
 };
 
 /* Name -> value of one string option: field is the DHSAConfig field name
- * ("budget_mode", "granularity", "chunking", "normalization", "method").
+ * ("budget_mode", "granularity", "chunking", "normalization", "method",
+ * "chunk_score").
  * DHSA_EINVAL for an unknown field or name. */
 int dhsa_enum_value(const char *field, const char *name, int *value);
 
@@ -233,6 +239,7 @@ typedef struct dhsa_predict_params {
     int normalization;        /* enum dhsa_normalization */
     int method;               /* enum dhsa_method */
     int64_t dense_tail;       /* >= 0: the blocks holding the last dense_tail queries keep all their keys */
+    int chunk_score;          /* enum dhsa_chunk_score (tokens and density budgets) */
 } dhsa_predict_params;
 
 /* A whole prediction, allocated by dhsa_predict, released with
@@ -265,8 +272,10 @@ enum { DHSA_PREDICT_SCORES = 1 }; /* also fill chunk_scores */
  * block's own keys are always kept; the other keys come as chunk pieces
  * scored by r_q . r_k (length-normalised representations of the block's
  * head-averaged queries and of the piece's head-averaged keys), best first,
- * the last piece cut to fit the budget. chunk_scores (DHSA_PREDICT_SCORES)
- * are the full-chunk scores, NaN where the chunk is not reachable. q and k
+ * the last piece cut to fit the budget. With chunk_score "max" a piece
+ * scores the largest r_q . k_j of its keys k_j (head-averaged) instead: one
+ * key that the block's queries point at lifts its chunk, which a chunk mean
+ * dilutes. chunk_scores (DHSA_PREDICT_SCORES) are the full-chunk scores, NaN where the chunk is not reachable. q and k
  * are scanned first (DHSA_ENONFINITE). *out is NULL on any error. */
 int dhsa_predict(dhsa_prediction **out, const float *q, const float *k,
                  const dhsa_attn_shape *s, const dhsa_predict_params *p,

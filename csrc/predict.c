@@ -6,7 +6,8 @@
  * fixed chunks or the caller's) -> capacity -> selection -> compaction into
  * CSR -> pair counts. Option values past the sequence length are clamped
  * here, once, and the method's fixed choices (block_topk: fixed chunks of
- * chunk_size keys, mean-pooled) are made here (resolved). dhsa_sparse_attention scans q, k and v once and
+ * chunk_size keys, mean-pooled, scored by their representations) are made
+ * here (resolved). dhsa_sparse_attention scans q, k and v once and
  * hands the bounds to both stages.
  *
  * Must agree with dhsa/reference.py: predict (and, through the kernel,
@@ -31,12 +32,15 @@ static const enum_name chunkings[] = {
     {"dynamic", DHSA_CHUNK_DYNAMIC}, {"fixed", DHSA_CHUNK_FIXED}, {NULL, 0}};
 static const enum_name normalizations[] = {
     {"sqrt", DHSA_NORM_SQRT}, {"mean", DHSA_NORM_MEAN}, {"sum", DHSA_NORM_SUM}, {NULL, 0}};
+static const enum_name chunk_scores[] = {
+    {"mean", DHSA_SCORE_MEAN}, {"max", DHSA_SCORE_MAX}, {NULL, 0}};
 static const enum_name methods[] = {
     {"dhsa", DHSA_METHOD_DHSA}, {"block_topk", DHSA_METHOD_BLOCK_TOPK}, {NULL, 0}};
 
 static const struct { const char *field; const enum_name *names; } enum_fields[] = {
     {"budget_mode", budget_modes}, {"granularity", granularities}, {"chunking", chunkings},
-    {"normalization", normalizations}, {"method", methods}, {NULL, NULL}};
+    {"normalization", normalizations}, {"method", methods}, {"chunk_score", chunk_scores},
+    {NULL, NULL}};
 
 int dhsa_enum_value(const char *field, const char *name, int *value) {
     if (!field || !name || !value) return DHSA_EINVAL;
@@ -78,6 +82,7 @@ static dhsa_predict_params resolved(const dhsa_predict_params *in, const dhsa_at
     if (p.method == DHSA_METHOD_BLOCK_TOPK) {
         p.chunking = DHSA_CHUNK_FIXED;
         p.normalization = DHSA_NORM_MEAN;
+        p.chunk_score = DHSA_SCORE_MEAN;
     }
     const int64_t Lk = s->Lk;
     p.block_size = DHSA_MIN(p.block_size, s->Lq);

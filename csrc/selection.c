@@ -2,7 +2,10 @@
  * selection.c - chunk scores, upsampling and budgeted selection.
  *
  * For every query block the chunk-level similarity r_q . r_k is computed
- * against the chunks it can reach (one dgemm per tile of query blocks); the
+ * against the chunks it can reach (one dgemm per tile of query blocks) -
+ * or, with chunk_score "max", r_q . k_j against every key it can reach and
+ * each chunk scored by its best key (a key-level second look that a chunk
+ * mean would dilute); the
  * token-level upsampling is implicit: every key of a chunk piece inherits
  * its score, so a token-level top-k is "whole pieces best first, the last
  * one cut" and the result is a short list of key ranges, never an L x L
@@ -53,6 +56,10 @@ static int params_check(const dhsa_attn_shape *s, const dhsa_predict_params *p) 
         return DHSA_EINVAL;
     if (p->boundary_window < 1) return DHSA_EINVAL;
     if (p->normalization < 0 || p->normalization > 2 || p->method < 0 || p->method > 1)
+        return DHSA_EINVAL;
+    /* the adaptive budget estimates mass from mean scores */
+    if (p->chunk_score < 0 || p->chunk_score > 1 ||
+        (p->chunk_score == DHSA_SCORE_MAX && p->budget_mode == DHSA_BUDGET_ADAPTIVE))
         return DHSA_EINVAL;
     return DHSA_OK;
 }
@@ -214,11 +221,20 @@ static double piece_score(const double *rq, const double *kprefix, int64_t D, in
     return dot(rq, tmp, D);
 }
 
+/* max of x[a .. b) (b > a) */
+static double range_max(const double *x, int64_t a, int64_t b) {
+    double m = x[a];
+    for (int64_t j = a + 1; j < b; j++) m = x[j] > m ? x[j] : m;
+    return m;
+}
+
 /* Selection of one block. rq: (D) block representation; srow: full-chunk
- * scores (chunks 0 .. reach-1); pieces/sel: scratch of nb + 4. Writes the
+ * scores (chunks 0 .. reach-1); krow: chunk_score "max": r_q . k_j of every
+ * key j < g->hi, else NULL; pieces/sel: scratch of nb + 4. Writes the
  * merged ranges to starts/ends and returns their number. */
 static int64_t select_block(int32_t *starts, int32_t *ends, const dhsa_block_geom *g,
-                            const double *rq, const double *srow, const double *kprefix,
+                            const double *rq, const double *srow, const double *krow,
+                            const double *kprefix,
                             const int64_t *bd, int64_t nb, const dhsa_attn_shape *s,
                             const dhsa_predict_params *p, double key_norm, piece *pieces,
                             piece *sel, piece *kept, double *tmp) {
@@ -250,7 +266,9 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const dhsa_block_geo
             const int whole = pc.a == bd[c] && pc.b == bd[c + 1];
             /* strictly worse than the worst kept: out, without building it */
             if (!adaptive && whole && cov.tok >= cov.need && srow[c] < cov.h[0].score) continue;
-            pc.score = whole ? srow[c] : piece_score(rq, kprefix, D, pc.a, pc.b, key_norm, tmp);
+            pc.score = whole ? srow[c]
+                       : krow ? range_max(krow, pc.a, pc.b)
+                              : piece_score(rq, kprefix, D, pc.a, pc.b, key_norm, tmp);
             pc.logm = 0.0;
             if (adaptive) pieces[np++] = pc;
             else cover_offer(&cov, &pc);
@@ -355,7 +373,13 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
     double *qprefix = dhsa_alloc((size_t)((NQB + 1) * D) * sizeof(double));
     double *kprefix = dhsa_alloc((size_t)((s->Lk + 1) * D) * sizeof(double));
     double *rk = dhsa_alloc((size_t)(ncmax * D) * sizeof(double));
-    if (!qprefix || !kprefix || !rk) { free(qprefix); free(kprefix); free(rk); return DHSA_ENOMEM; }
+    /* chunk_score "max": the head-averaged keys, P[j + 1] - P[j] of the running sums */
+    const int by_key = p->chunk_score == DHSA_SCORE_MAX;
+    double *kavg = by_key ? dhsa_alloc((size_t)(s->Lk * D) * sizeof(double)) : NULL;
+    if (!qprefix || !kprefix || !rk || (by_key && !kavg)) {
+        free(qprefix); free(kprefix); free(rk); free(kavg);
+        return DHSA_ENOMEM;
+    }
     int status = DHSA_OK;
 
 #pragma omp parallel num_threads(dhsa_threads_for(num_threads, ntiles))
@@ -366,7 +390,8 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
         piece *pieces = dhsa_alloc((size_t)(ncmax + 4) * sizeof(piece));
         piece *sel = dhsa_alloc((size_t)(ncmax + 6) * sizeof(piece));
         piece *kept = dhsa_alloc((size_t)(ncmax + 4) * sizeof(piece));
-        const int ok = rq && sc && tmp && pieces && sel && kept;
+        double *sk = by_key ? dhsa_alloc((size_t)(QB_TILE * s->Lk) * sizeof(double)) : NULL;
+        const int ok = rq && sc && tmp && pieces && sel && kept && (!by_key || sk);
         if (!ok) {
 #pragma omp atomic write
             status = DHSA_ENOMEM;
@@ -403,6 +428,12 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
 #pragma omp for schedule(static)
                 for (int64_t c = 0; c < nb - 1; c++)
                     dhsa_repr_range(rk + c * D, kprefix, D, bd[c], bd[c + 1], key_norm);
+                if (by_key) {
+#pragma omp for schedule(static)
+                    for (int64_t j = 0; j < s->Lk; j++)
+                        for (int64_t d = 0; d < D; d++)
+                            kavg[j * D + d] = kprefix[(j + 1) * D + d] - kprefix[j * D + d];
+                }
             }
             last_cg = cgi;
 #pragma omp for schedule(dynamic, 1)
@@ -418,14 +449,28 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
                         rq[i * D + d] = (p1[d] - p0[d]) / sqrt((double)g.nq);
                     reach = DHSA_MAX(reach, chunk_of(bd, nb, g.hi - 1) + 1);
                 }
-                dhsa_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nqb, (int)reach, (int)D,
-                           1.0, rq, (int)D, rk, (int)D, 0.0, sc, (int)reach);
+                int64_t kreach = 0; /* keys the tile's blocks may see: [0, kreach) */
+                if (by_key) {
+                    /* r_q . k_j for every key, then each chunk's best key */
+                    for (int64_t i = 0; i < nqb; i++)
+                        kreach = DHSA_MAX(kreach, dhsa_rule_block(s, bs, qb0 + i).hi);
+                    dhsa_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nqb, (int)kreach,
+                               (int)D, 1.0, rq, (int)D, kavg, (int)D, 0.0, sk, (int)kreach);
+                    for (int64_t i = 0; i < nqb; i++)
+                        for (int64_t c = 0; c < reach; c++)
+                            sc[i * reach + c] = range_max(sk + i * kreach, bd[c],
+                                                          DHSA_MIN(bd[c + 1], kreach));
+                } else {
+                    dhsa_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nqb, (int)reach,
+                               (int)D, 1.0, rq, (int)D, rk, (int)D, 0.0, sc, (int)reach);
+                }
                 for (int64_t i = 0; i < nqb; i++) {
                     const int64_t qb = qb0 + i, idx = grp * NQB + qb;
                     const dhsa_block_geom g = dhsa_rule_block(s, bs, qb);
+                    const double *krow = by_key ? sk + i * kreach : NULL;
                     counts[idx] = select_block(starts + capacity[idx], ends + capacity[idx], &g,
-                                               rq + i * D, sc + i * reach, kprefix, bd, nb, s, p,
-                                               key_norm, pieces, sel, kept, tmp);
+                                               rq + i * D, sc + i * reach, krow, kprefix, bd,
+                                               nb, s, p, key_norm, pieces, sel, kept, tmp);
                     if (chunk_scores) {
                         double *dst = chunk_scores + idx * score_stride;
                         const int64_t r = chunk_of(bd, nb, g.hi - 1) + 1;
@@ -435,9 +480,9 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
                 }
             }
         }
-        free(rq); free(sc); free(tmp); free(pieces); free(sel); free(kept);
+        free(rq); free(sc); free(tmp); free(pieces); free(sel); free(kept); free(sk);
     }
-    free(qprefix); free(kprefix); free(rk);
+    free(qprefix); free(kprefix); free(rk); free(kavg);
     return status;
 }
 

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 __all__ = ["DHSAConfig", "GRANULARITIES", "BUDGET_MODES", "CHUNKINGS", "METHODS",
-           "NORMALIZATIONS"]
+           "NORMALIZATIONS", "CHUNK_SCORES"]
 
 GRANULARITIES = ("layer", "kv_head", "query_head")
 BUDGET_MODES = ("tokens", "density", "adaptive")
 CHUNKINGS = ("dynamic", "fixed")
 METHODS = ("dhsa", "block_topk", "streaming", "vertical_slash", "oracle")
 NORMALIZATIONS = {"sqrt": 0.5, "mean": 1.0, "sum": 0.0}
+CHUNK_SCORES = ("mean", "max")
 
 
 def _int(name: str, value, minimum: int, optional: bool = False) -> None:
@@ -71,6 +72,16 @@ class DHSAConfig:
     key chunk is represented, sum / n ** 0.5 (``"sqrt"``, DHSA), the plain
     ``"mean"`` or the ``"sum"``.
 
+    ``chunk_score``: how a chunk (or a clipped piece of one) is scored for a
+    query block: ``"mean"``, the product r_q . r_k of the two
+    representations (the paper's), or ``"max"``, the largest r_q . k_j over
+    the piece's keys k_j (head-averaged, like r_k) - a second, key-level
+    look at the candidates: a single key the block points at lifts its
+    chunk, where a mean dilutes it among its neighbours. ``"max"`` costs one
+    product of the block representations with every key (Lk / block_size x
+    the work of one query row over the keys) and works with the tokens and
+    density budgets (the adaptive one estimates mass from mean scores).
+
     ``method`` picks the selection rule; every one produces the same ranges
     for the same kernel, at the same budget, sink and local rules:
     ``"dhsa"`` (this method), ``"block_topk"`` (fixed blocks of
@@ -110,12 +121,17 @@ class DHSAConfig:
     method: str = "dhsa"
     last_queries: int = 64
     dense_tail: int = 0
+    chunk_score: str = "mean"
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("normalization", self.normalization, tuple(NORMALIZATIONS))
         _int("last_queries", self.last_queries, 1)
         _int("dense_tail", self.dense_tail, 0)
+        _choice("chunk_score", self.chunk_score, CHUNK_SCORES)
+        if self.chunk_score == "max" and self.budget_mode == "adaptive":
+            raise ValueError("DHSAConfig.chunk_score='max' needs budget_mode 'tokens' or "
+                             "'density': the adaptive budget estimates mass from mean scores")
         _int("budget", self.budget, 1)
         _int("block_size", self.block_size, 1)
         if self.block_size > 4096:

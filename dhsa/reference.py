@@ -182,6 +182,9 @@ def _select_block(rq, kP, bounds, geom, cfg, scale):
     if allowed <= lo_clamp or in_dense_tail(geom, cfg["Lq"], cfg["dense_tail"]):
         return [(lo, hi)]
 
+    # chunk_score "max": r_q . k_j of every key the block may see (k_j the
+    # head-averaged key, a difference of the running sums as in C)
+    by_key = np.diff(kP[:hi + 1], axis=0) @ rq if cfg["chunk_score"] == "max" else None
     pieces = []  # (score, a, b)
     for x, y in ((sink_end, loc_a), (loc_b, hi)):
         if x >= y:
@@ -189,7 +192,8 @@ def _select_block(rq, kP, bounds, geom, cfg, scale):
         c = int(np.searchsorted(bounds, x, side="right")) - 1
         while c < len(bounds) - 1 and bounds[c] < y:
             a, b = max(x, bounds[c]), min(y, bounds[c + 1])
-            pieces.append((float(rq @ _repr(kP, a, b, kn)), a, b))
+            score = float(rq @ _repr(kP, a, b, kn)) if by_key is None else float(by_key[a:b].max())
+            pieces.append((score, a, b))
             c += 1
     pieces.sort(key=lambda p: (-p[0], p[1]))
 
@@ -249,7 +253,7 @@ def predict(q, k, *, block_size: int = 64, sink: int = 64, local: int = 256,
             nms_radius: int = 4, max_chunks: int = 0, bounds=None,
             causal: bool = True, scale: Optional[float] = None,
             window: Optional[int] = None, key_norm: float = 0.5,
-            dense_tail: int = 0) -> dict:
+            dense_tail: int = 0, chunk_score: str = "mean") -> dict:
     """The whole DHSA prediction in float64 (mirrors dhsa_predict_* in C).
 
     Returns a dict with ``bounds`` (list of arrays, one per chunking group),
@@ -272,7 +276,7 @@ def predict(q, k, *, block_size: int = 64, sink: int = 64, local: int = 256,
                                               max_chunks))
     cfg = dict(sink=sink, local=local, mode=mode, budget=budget, density=density, mass=mass,
                min_budget=min_budget, max_budget=max_budget, key_norm=key_norm,
-               Lq=Lq, dense_tail=dense_tail)
+               Lq=Lq, dense_tail=dense_tail, chunk_score=chunk_score)
     nqb = -(-Lq // block_size)
     offsets, starts, ends = [0], [], []
     for b in range(B):

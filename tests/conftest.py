@@ -43,7 +43,7 @@ def predict_kwargs(cfg: dhsa.DHSAConfig) -> dict:
                 granularity=cfg.granularity, boundary_window=cfg.boundary_window,
                 threshold=cfg.threshold, min_len=cfg.min_chunk, max_len=cfg.max_chunk,
                 nms_radius=cfg.nms_radius, max_chunks=cfg.max_chunks or 0,
-                dense_tail=cfg.dense_tail)
+                dense_tail=cfg.dense_tail, chunk_score=cfg.chunk_score)
 
 
 def tokens_mode_density(L: int, block: int, budget: int) -> float:

@@ -250,3 +250,16 @@ def test_config_dense_tail_is_the_harness_tail(runner, method):
     assert runner._sparse_layers()
     runner._exact()
     np.testing.assert_allclose(one[-1].numpy(), two[-1].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_variants_are_matched_like_their_method():
+    from dhsa.harness.protocol import VARIANTS
+    L = 2048
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((1, 2, L, 16)).astype(np.float32)
+    k = rng.standard_normal((1, 1, L, 16)).astype(np.float32)
+    for name, (method, changes) in VARIANTS.items():
+        cfg = matched_config(name, 0.125, L)
+        assert cfg.method == method
+        assert all(getattr(cfg, f) == v for f, v in changes.items())
+        assert dhsa.predict_selection(q, k, cfg).density == pytest.approx(0.125, abs=0.003)

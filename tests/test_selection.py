@@ -133,6 +133,13 @@ CASES = [
     ((2, 4, 2, 100, 300, 32), dict(dense_tail=50, budget_mode="adaptive",
                                    granularity="query_head"), dict()),
     ((1, 2, 1, 100, 300, 32), dict(dense_tail=100), dict(causal=False)),
+    ((1, 4, 2, 100, 300, 32), dict(chunk_score="max"), dict()),
+    ((2, 6, 2, 90, 230, 16), dict(chunk_score="max", granularity="layer"), dict()),
+    ((1, 4, 2, 100, 300, 32), dict(chunk_score="max", granularity="query_head",
+                                   budget_mode="density", density=0.2), dict(window=150)),
+    ((1, 4, 2, 100, 300, 32), dict(chunk_score="max", chunking="fixed", chunk_size=1), dict()),
+    ((1, 4, 2, 100, 300, 32), dict(chunk_score="max", min_chunk=1, max_chunk=4,
+                                   dense_tail=16), dict(causal=False)),
 ]
 
 
@@ -380,6 +387,39 @@ def test_dense_tail_applies_to_every_method(rng, method):
             np.testing.assert_array_equal(r, plain.ranges(b, g, qb))
 
 
+def test_max_score_finds_the_one_key_a_mean_dilutes(rng):
+    # one key in a chunk of 16 matches the block's queries; its 15 neighbours
+    # point the other way, so the chunk's mean is low. chunk_score="max"
+    # keeps that key's chunk, "mean" does not.
+    D, L, Lq = 16, 400, 16
+    q = np.zeros((1, 1, Lq, D), np.float32)
+    q[..., 0] = 1.0
+    k = (0.1 * rng.standard_normal((1, 1, L, D))).astype(np.float32)
+    k[0, 0, 160:176, 0] = -0.5          # a chunk that points away...
+    k[0, 0, 170, 0] = 3.0               # ...but for one key
+    k[0, 0, 96:112, 0] = 0.2            # a chunk mildly aligned as a whole
+    bounds = np.arange(0, L + 1, 16)
+    cfg = dhsa.DHSAConfig(budget=16 + 16 + 16 + 16, block_size=16, sink=16, local=16,
+                          chunking="fixed", chunk_size=16)
+    kept = {}
+    for score in ("mean", "max"):
+        sel = dhsa.predict_selection(q, k, cfg.replace(chunk_score=score), boundaries=bounds)
+        r = sel.ranges(0, 0, 0)
+        kept[score] = {int(j) for a, b in r for j in range(a, b)}
+    assert 170 in kept["max"] and 170 not in kept["mean"]
+    assert set(range(96, 112)) <= kept["mean"]
+
+
+def test_block_topk_ignores_chunk_score(rng):
+    q, k, _ = make_qkv(rng, 1, 4, 2, 70, 150, 16)
+    cfg = dhsa.DHSAConfig(budget=60, block_size=8, sink=4, local=16, chunk_size=10,
+                          method="block_topk")
+    a = dhsa.predict_selection(q, k, cfg)
+    b = dhsa.predict_selection(q, k, cfg.replace(chunk_score="max"))
+    np.testing.assert_array_equal(a.starts, b.starts)
+    np.testing.assert_array_equal(a.ends, b.ends)
+
+
 def test_lq_one(rng):
     q, k, _ = make_qkv(rng, 1, 2, 2, 1, 300, 32)
     cfg = base_cfg()
@@ -419,7 +459,10 @@ def predict_problems(draw):
         max_chunks=draw(st.one_of(st.none(), st.integers(1, 20))),
         chunking=draw(st.sampled_from(["dynamic", "dynamic", "fixed"])),
         chunk_size=draw(st.integers(1, 50)),
-        dense_tail=draw(st.sampled_from([0, 0, 1, bs, Lq // 3, Lq + 5])))
+        dense_tail=draw(st.sampled_from([0, 0, 1, bs, Lq // 3, Lq + 5])),
+        chunk_score=draw(st.sampled_from(["mean", "max"])))
+    if kw["chunk_score"] == "max" and kw["budget_mode"] == "adaptive":
+        kw["budget_mode"] = "density"
     opts = {}
     if draw(st.booleans()):
         opts["causal"] = False

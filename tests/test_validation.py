@@ -330,6 +330,8 @@ def test_config_wrong_type(fn, qkv, config):
     (dict(boundary_window=0), "boundary_window"),
     (dict(nms_radius=-1), "nms_radius"),
     (dict(dense_tail=-1), "dense_tail"),
+    (dict(chunk_score="min"), "chunk_score"),
+    (dict(chunk_score="max", budget_mode="adaptive"), "chunk_score"),
     (dict(max_chunks=0), "max_chunks"),
     (dict(threshold=-1), "threshold"),
     (dict(threshold=2.5), "threshold"),
@@ -598,7 +600,7 @@ def _core_fields(cfg):
 
 @pytest.mark.parametrize("field, bad", [("granularity", "head"), ("budget_mode", "Tokens"),
                                         ("chunking", "static"), ("normalization", "l2"),
-                                        ("method", "streaming")])
+                                        ("method", "streaming"), ("chunk_score", "Max")])
 def test_core_matches_names_not_positions(qkv, cfg, field, bad):
     """String options reach the core as names, looked up in its own table."""
     import types
@@ -636,6 +638,11 @@ def test_core_refuses_unsafe_values_itself(qkv, cfg):
         ns = types.SimpleNamespace(**dict(_core_fields(cfg), budget_mode=mode, **{field: bad}))
         with pytest.raises(ValueError, match="predict: invalid argument"):
             _core.predict(q, k, ns)
+    # max scores with the adaptive budget, which estimates mass from mean scores
+    ns = types.SimpleNamespace(**dict(_core_fields(cfg), budget_mode="adaptive",
+                                      chunk_score="max"))
+    with pytest.raises(ValueError, match="predict: invalid argument"):
+        _core.predict(q, k, ns)
 
 
 def test_block_topk_is_fixed_mean_pooled_chunks(rng):

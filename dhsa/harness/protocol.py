@@ -37,7 +37,8 @@ import numpy as np
 from ..config import DHSAConfig
 from ..rules import block_geometry, budget_clamp, forced_ranges, in_dense_tail
 
-__all__ = ["Runner", "achieved_density", "forced_keys", "matched_config", "per_query_config"]
+__all__ = ["Runner", "VARIANTS", "achieved_density", "forced_keys", "matched_config",
+           "per_query_config"]
 
 #: methods whose selection of a one-query block depends on that query and its past only
 PER_QUERY_CAUSAL = ("dhsa", "block_topk", "streaming", "oracle")
@@ -79,16 +80,28 @@ def achieved_density(cfg: DHSAConfig, length: int) -> float:
     return sel / tot if tot else 1.0
 
 
+# Harness names of DHSA selections that change fields of a method rather than
+# the method itself (the levers' rows): name -> (method, changed fields).
+VARIANTS = {
+    # the key-level second look (chunk_score="max") on chunks of 2 to 4 keys
+    "dhsa_max": ("dhsa", dict(chunk_score="max", min_chunk=2, max_chunk=4)),
+}
+
+
 def matched_config(method: str, target: float, length: int,
                    base: Optional[DHSAConfig] = None) -> Optional[DHSAConfig]:
-    """The density-mode DHSAConfig of ``method`` whose achieved density at
-    ``length`` is ``target`` (None for dense). Raises ValueError when the
-    target cannot be reached at that length."""
+    """The density-mode DHSAConfig of ``method`` (a DHSAConfig method or one
+    of :data:`VARIANTS`) whose achieved density at ``length`` is ``target``
+    (None for dense). Raises ValueError when the target cannot be reached at
+    that length."""
     if method == "dense":
         return None
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target density must be in (0, 1], got {target}")
     base = base or DHSAConfig()
+    if method in VARIANTS:
+        method, changes = VARIANTS[method]
+        base = base.replace(**changes)
     sink, local = forced_keys(target, length, base.block_size)
     local = max(local, base.lookahead)
     cfg = base.replace(method=method, budget_mode="density", sink=sink, local=local,

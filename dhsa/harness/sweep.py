@@ -38,7 +38,7 @@ from .models import MODELS, load_model, load_tokenizer
 __all__ = ["SWEEP_METHODS", "PPL_SCORED", "cell_key", "markdown_table", "plot_heatmaps",
            "ppl_sample", "read_jsonl", "run_sweep", "summarize_sweep", "worse_than_dense"]
 
-SWEEP_METHODS = ("dense", "dhsa", "block_topk", "streaming", "vertical_slash")
+SWEEP_METHODS = ("dense", "dhsa", "dhsa_max", "block_topk", "streaming", "vertical_slash")
 #: tokens of a perplexity sample that are scored (the rest is the prefix)
 PPL_SCORED = 256
 #: fields that say what a cell ran (the rest of a row is what it measured)
