@@ -535,7 +535,13 @@ def block_bench_threads(res: Results) -> str:
 
 TASK_MODELS = (("smollm2", "SmolLM2-135M-Instruct (chat prompts)"),
                ("gemma3", "Gemma-3-270M (base model, completion prompts)"))
-TASK_METHODS = ("dense", "dhsa", "block_topk", "streaming", "vertical_slash")
+TASK_METHODS = ("dense", "dhsa", "dhsa_max", "block_topk", "streaming", "vertical_slash")
+
+
+def _methods_of(rows) -> List[str]:
+    """The columns of a task table: the methods some row has, in TASK_METHODS order."""
+    present = {m for _, cells in rows for m in cells}
+    return [m for m in TASK_METHODS if m in present]
 TASK_NAMES = {"passkey": "passkey", "niah_single": "NIAH single", "niah_multikey": "NIAH multikey",
               "niah_multivalue": "NIAH multivalue (share)", "variable_tracking": "variable tracking",
               "common_words": "common words (share)", "pg_niah": "PG-essay NIAH",
@@ -620,15 +626,16 @@ def block_tasks(res: Results) -> str:
     parts = []
     for model, label, name, doc in _task_docs(res):
         rows = []
+        methods = _methods_of(_task_rows(doc))
         for (task, length, rho, tail, proto), cells in _task_rows(doc):
             how = (f", {proto} continuation" if proto else f", dense tail {tail}" if tail else "")
             n = max(e["n"] for e in cells.values())
             rows.append([TASK_NAMES.get(task, task) + how, klen(length),
                          "–" if rho is None else f"{rho:.3f}", str(n)]
-                        + [_task_cell(cells.get(m), rho, n) for m in TASK_METHODS])
+                        + [_task_cell(cells.get(m), rho, n) for m in methods])
         parts.append(f"**{label}**\n\n" + table(
-            ["task", "L", "density", "n"] + list(TASK_METHODS), rows,
-            "llrr" + "r" * len(TASK_METHODS)) + "\n\n" + _task_sources(name, doc))
+            ["task", "L", "density", "n"] + methods, rows,
+            "llrr" + "r" * len(methods)) + "\n\n" + _task_sources(name, doc))
     if not parts:
         return "No task sweep results yet.\n"
     return "\n\n".join(parts) + "\n"
@@ -679,18 +686,20 @@ def block_tasks_notes(res: Results) -> str:
                          f"(↓): " + ", ".join(
                              f"{m} {worse[m]} of {total[m]}" for m in TASK_METHODS if m in total)
                          + ".")
-        ahead = behind = tied = 0
-        for _, cells in rows:
-            a, b = cells.get("dhsa"), cells.get("block_topk")
-            if a and b:
-                d = (b["mean"] - a["mean"]) if a["scoring"] == "loss" else (a["mean"] - b["mean"])
-                ahead += d > 1e-9
-                behind += d < -1e-9
-                tied += abs(d) <= 1e-9
-        if ahead + behind + tied:
-            lines.append(f"  DHSA against block_topk, row by row (mean score, not a test): ahead "
-                         f"in {ahead}, behind in {behind}, tied in {tied} of "
-                         f"{ahead + behind + tied} rows.")
+        for ours, other in (("dhsa", "block_topk"), ("dhsa_max", "block_topk"),
+                            ("dhsa_max", "dhsa")):
+            ahead = behind = tied = 0
+            for _, cells in rows:
+                a, b = cells.get(ours), cells.get(other)
+                if a and b:
+                    d = (b["mean"] - a["mean"]) if a["scoring"] == "loss" else (a["mean"] - b["mean"])
+                    ahead += d > 1e-9
+                    behind += d < -1e-9
+                    tied += abs(d) <= 1e-9
+            if ahead + behind + tied:
+                lines.append(f"  {ours} against {other}, row by row (mean score, not a test): "
+                             f"ahead in {ahead}, behind in {behind}, tied in {tied} of "
+                             f"{ahead + behind + tied} rows.")
         if model == "gemma3":
             lines += _goal_lines(rows)
     return "\n".join(lines) + "\n" if lines else "No task sweep results yet.\n"
@@ -772,6 +781,53 @@ def block_ablation(res: Results) -> str:
             f"  {neg(diff(default, 'fixed 16 kv_head'))}.\n"
             f"  <sub>Source: {source(res, 'ablate_selection')}</sub>\n")
     return text
+
+
+def block_scoring(res: Results) -> str:
+    """The chunk-score ablation: recall per selection at each density, and the goal."""
+    out = []
+    names = res.names("ablate_scoring_*")
+    if not names:
+        return "(no chunk-score ablation measured yet)\n"
+    for name in names:
+        doc = res.json(name)
+        cfg = doc["config"]
+        dens = list(cfg["densities"])
+        by = defaultdict(dict)
+        for r in doc["rows"]:
+            by[r["row"]][r["density_target"]] = r
+        order = list(dict.fromkeys(r["row"] for r in doc["rows"]))
+        head = (["selection"] + [f"recall at {f(d, 3)}" for d in dens]
+                + [f"worst layer at {f(d, 3)}" for d in dens]
+                + ["predict ms (one call each)"])
+        rows = []
+        for n in order:
+            cells = [f"**{n}**" if n.startswith("dhsa_max (") else n]
+            cells += [f(by[n][d]["recall_mean"], 3) for d in dens]
+            cells += [f(by[n][d]["recall_min_layer"], 3) for d in dens]
+            cells.append(" / ".join(f(by[n][d]["predict_ms"], 0) for d in dens))
+            rows.append(cells)
+        layers = ", ".join(str(x) for x in cfg["layers"])
+        out.append(f"Attention-mass recall at equal achieved density, {cfg['model']} at "
+                   f"{klen(cfg['length'])}, layers {layers}, text from character "
+                   f"{cfg['offset']:,} of {cfg['text'].rstrip('/').split('/')[-1]} "
+                   f"(the variants were chosen on text from character 300,000 on):\n\n")
+        out.append(table(head, rows, "l" + "r" * (len(head) - 1)))
+        goal = []
+        for d in dens:
+            ours = by.get("dhsa_max (max score, chunks 2-4)", {}).get(d)
+            vs, orc, base = (by.get(m, {}).get(d) for m in ("vertical_slash", "oracle", "dhsa"))
+            if ours and vs and orc and base:
+                goal.append(f"at density {f(d, 3)}: dhsa_max {f(ours['recall_mean'], 3)} against "
+                            f"the mean score's {f(base['recall_mean'], 3)}, vertical_slash's "
+                            f"{f(vs['recall_mean'], 3)} "
+                            f"({'at or above' if ours['recall_mean'] >= vs['recall_mean'] else 'below'})"
+                            f" and {share(ours['recall_mean'] / orc['recall_mean'])} of the "
+                            f"oracle's {f(orc['recall_mean'], 3)}")
+        if goal:
+            out.append("\n\n- " + ";\n- ".join(goal) + ".\n")
+        out.append(f"\n<sub>Source: {source(res, name)}</sub>\n\n")
+    return "".join(out)
 
 
 # ----------------------------------------------------------------------------
@@ -870,6 +926,7 @@ BLOCKS: Dict[str, Callable[[Results], str]] = {
     "accuracy": block_accuracy,
     "accuracy_notes": block_accuracy_notes,
     "ablation": block_ablation,
+    "scoring": block_scoring,
     "reliability": block_reliability,
 }
 

@@ -115,3 +115,25 @@ def test_result_numbers_outside_blocks_are_not_measurements():
     # is a parameter of the statistics, not a result
     found = re.findall(r"\d+(?:\.\d+)?\s?(?:%(?!\s(?:confidence|interval|level|bootstrap))|×(?!\d))", outside)
     assert not found, f"measured-looking numbers outside rendered blocks: {found}"
+
+
+def test_scoring_block_says_where_dhsa_max_stands(tmp_path):
+    """The chunk-score goal sentence follows the numbers: above or below
+    vertical_slash, and the share of the oracle."""
+    mod = _renderer()
+
+    def doc(ours):
+        rows = [dict(row=n, density_target=0.25, recall_mean=v, recall_min_layer=v - 0.1,
+                     predict_ms=10.0)
+                for n, v in (("dhsa", 0.80), ("dhsa_max (max score, chunks 2-4)", ours),
+                             ("vertical_slash", 0.90), ("oracle", 0.95))]
+        return {"config": {"model": "m", "length": 4096, "densities": [0.25], "layers": [0, 3],
+                           "text": "/x/pg_essays", "offset": 0},
+                "rows": rows, "started": "2026-12-02T00:00:00Z", "command": "c",
+                "machine": {}}
+
+    for ours, word in ((0.92, "at or above"), (0.88, "below")):
+        (tmp_path / "ablate_scoring_m.json").write_text(json.dumps(doc(ours)))
+        text = mod.block_scoring(mod.Results(tmp_path))
+        assert f"vertical_slash's 0.900 ({word})" in text, text
+        assert f"{100 * ours / 0.95:.1f}% of the oracle's 0.950" in text

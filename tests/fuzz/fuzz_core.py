@@ -327,13 +327,15 @@ def call_sparse(src, rng):
 PREDICT_INTS = [("block_size", 1, 80), ("sink", 0, 40), ("local", 0, 80),
                 ("budget", 1, 400), ("min_budget", 1, 200), ("max_budget", 1, 400),
                 ("chunk_size", 1, 40), ("boundary_window", 1, 20), ("min_chunk", 1, 20),
-                ("max_chunk", 1, 40), ("nms_radius", 0, 8), ("max_chunks", 1, 20)]
+                ("max_chunk", 1, 40), ("nms_radius", 0, 8), ("max_chunks", 1, 20),
+                ("dense_tail", 0, 60)]
 PREDICT_FLOATS = [("density", 0.001, 1.0), ("mass", 0.001, 1.0), ("threshold", 0.0, 2.0)]
 PREDICT_NAMES = [("granularity", ["layer", "kv_head", "query_head"]),
                  ("budget_mode", ["tokens", "density", "adaptive"]),
                  ("chunking", ["dynamic", "dynamic", "fixed"]),
                  ("normalization", ["sqrt", "mean", "sum"]),
-                 ("method", ["dhsa", "dhsa", "block_topk"])]
+                 ("method", ["dhsa", "dhsa", "block_topk"]),
+                 ("chunk_score", ["mean", "mean", "max"])]
 
 
 def predict_config(src):
