@@ -42,7 +42,8 @@ import numpy as np
 import dhsa
 from common import command_line, machine_info, utc_now, write_results
 
-# name: (harness method or variant, DHSAConfig fields changed after matching)
+# name: (harness method or variant, DHSAConfig fields changed after matching);
+# two rows are matched or chunked otherwise (see ADAPTIVE and SHARED_BOUNDS)
 ROWS = {
     "dhsa": ("dhsa", {}),
     "dhsa, max score": ("dhsa", {"chunk_score": "max"}),
@@ -57,6 +58,8 @@ ROWS = {
     "vertical_slash": ("vertical_slash", {}),
     "oracle": ("oracle", {}),
 }
+ADAPTIVE = {"dhsa, adaptive (mass matched)"}      # mass bisected per layer to the density
+SHARED_BOUNDS = {"dhsa_max, layer-0 boundaries"}  # chunk bounds of layer 0's keys
 
 
 def main(argv=None):
@@ -113,12 +116,12 @@ def main(argv=None):
             for n in args.rows:
                 method, changes = ROWS[n]
                 bounds = None
-                if n.startswith("dhsa, adaptive"):
+                if n in ADAPTIVE:
                     cfg = adaptive_config(q, k, d, scale, softcap)
                     meta[(d, n)].setdefault("mass", []).append(cfg.mass)
                 else:
                     cfg = matched_config(method, d, L).replace(**changes)
-                if n.endswith("layer-0 boundaries"):
+                if n in SHARED_BOUNDS:
                     if d not in layer0:
                         q0, k0 = cap[min(cap)][0], cap[min(cap)][1]
                         layer0[d] = dhsa.predict_selection(q0, k0, cfg).boundaries

@@ -275,8 +275,8 @@ enum { DHSA_PREDICT_SCORES = 1 }; /* also fill chunk_scores */
  * the last piece cut to fit the budget. With chunk_score "max" a piece
  * scores the largest r_q . k_j of its keys k_j (head-averaged) instead: one
  * key that the block's queries point at lifts its chunk, which a chunk mean
- * dilutes. chunk_scores (DHSA_PREDICT_SCORES) are the full-chunk scores, NaN where the chunk is not reachable. q and k
- * are scanned first (DHSA_ENONFINITE). *out is NULL on any error. */
+ * dilutes. chunk_scores (DHSA_PREDICT_SCORES) are the full-chunk scores,
+ * NaN where the chunk is not reachable. q and k are scanned first (DHSA_ENONFINITE). *out is NULL on any error. */
 int dhsa_predict(dhsa_prediction **out, const float *q, const float *k,
                  const dhsa_attn_shape *s, const dhsa_predict_params *p,
                  const int64_t *bounds, const int64_t *num_bounds, int flags,

@@ -4,8 +4,9 @@
  * Which key a query may see, the geometry of a block of queries, how many
  * keys a query block keeps (sink + local + budget clamp + dense tail),
  * which KV head and which selection / chunking group a query head belongs
- * to, and the normalisation of a masked softmax row. attention.c and the prediction
- * (selection.c, predict.c) call these instead of writing them out again.
+ * to, and the normalisation of a masked softmax row. attention.c and the
+ * prediction (selection.c, predict.c) call these instead of writing them
+ * out again.
  * The Python twin is dhsa/rules.py (named per function below); both state
  * the rules dhsa/reference.py specifies.
  *

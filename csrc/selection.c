@@ -5,13 +5,12 @@
  * against the chunks it can reach (one dgemm per tile of query blocks) -
  * or, with chunk_score "max", r_q . k_j against every key it can reach and
  * each chunk scored by its best key (a key-level second look that a chunk
- * mean would dilute); the
- * token-level upsampling is implicit: every key of a chunk piece inherits
- * its score, so a token-level top-k is "whole pieces best first, the last
- * one cut" and the result is a short list of key ranges, never an L x L
+ * mean would dilute); the token-level upsampling is implicit: every key of
+ * a chunk piece inherits its score, so a token-level top-k is "whole pieces
+ * best first, the last one cut" and the result is a short list of key ranges, never an L x L
  * mask. Pieces are chunks clipped to the block's candidate keys: the allowed
  * keys minus the always-kept sink and local keys. A clipped piece is scored
- * with its own representation, so no key past the block's local window
+ * with its own representation (or its own best key), so no key past the block's local window
  * ever influences the block (causality, see chunking.c for the look-ahead).
  *
  * Must agree with dhsa/reference.py: select_ranges (same order of
@@ -234,10 +233,10 @@ static double range_max(const double *x, int64_t a, int64_t b) {
  * merged ranges to starts/ends and returns their number. */
 static int64_t select_block(int32_t *starts, int32_t *ends, const dhsa_block_geom *g,
                             const double *rq, const double *srow, const double *krow,
-                            const double *kprefix,
-                            const int64_t *bd, int64_t nb, const dhsa_attn_shape *s,
-                            const dhsa_predict_params *p, double key_norm, piece *pieces,
-                            piece *sel, piece *kept, double *tmp) {
+                            const double *kprefix, const int64_t *bd, int64_t nb,
+                            const dhsa_attn_shape *s, const dhsa_predict_params *p,
+                            double key_norm, piece *pieces, piece *sel, piece *kept,
+                            double *tmp) {
     const int64_t D = s->D;
     /* the always-kept sink and local keys and the budget clamp (rules.h) */
     const dhsa_block_keep keep = dhsa_rule_keep(s, g, p);
@@ -372,11 +371,12 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
     /* queries: running sums kept only at block starts, (NQB + 1, D) */
     double *qprefix = dhsa_alloc((size_t)((NQB + 1) * D) * sizeof(double));
     double *kprefix = dhsa_alloc((size_t)((s->Lk + 1) * D) * sizeof(double));
-    double *rk = dhsa_alloc((size_t)(ncmax * D) * sizeof(double));
-    /* chunk_score "max": the head-averaged keys, P[j + 1] - P[j] of the running sums */
+    /* the keys the scores read: chunk representations ("mean"), or the
+     * head-averaged keys, P[j + 1] - P[j] of the running sums ("max") */
     const int by_key = p->chunk_score == DHSA_SCORE_MAX;
+    double *rk = by_key ? NULL : dhsa_alloc((size_t)(ncmax * D) * sizeof(double));
     double *kavg = by_key ? dhsa_alloc((size_t)(s->Lk * D) * sizeof(double)) : NULL;
-    if (!qprefix || !kprefix || !rk || (by_key && !kavg)) {
+    if (!qprefix || !kprefix || !(by_key ? kavg : rk)) {
         free(qprefix); free(kprefix); free(rk); free(kavg);
         return DHSA_ENOMEM;
     }
@@ -425,14 +425,15 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
                                                      s->Lk, D, nkh, s->Lk * D, 1, d0, d1);
             } /* implicit barrier: running sums complete */
             if (new_k) {
-#pragma omp for schedule(static)
-                for (int64_t c = 0; c < nb - 1; c++)
-                    dhsa_repr_range(rk + c * D, kprefix, D, bd[c], bd[c + 1], key_norm);
                 if (by_key) {
 #pragma omp for schedule(static)
                     for (int64_t j = 0; j < s->Lk; j++)
                         for (int64_t d = 0; d < D; d++)
                             kavg[j * D + d] = kprefix[(j + 1) * D + d] - kprefix[j * D + d];
+                } else {
+#pragma omp for schedule(static)
+                    for (int64_t c = 0; c < nb - 1; c++)
+                        dhsa_repr_range(rk + c * D, kprefix, D, bd[c], bd[c + 1], key_norm);
                 }
             }
             last_cg = cgi;
