@@ -58,6 +58,7 @@ ROWS = {
     "vertical_slash": ("vertical_slash", {}),
     "oracle": ("oracle", {}),
 }
+CALIBRATED = "dhsa_max, calibrated budgets"  # with --calibration: per-KV-head densities
 ADAPTIVE = {"dhsa, adaptive (mass matched)"}      # mass bisected per layer to the density
 SHARED_BOUNDS = {"dhsa_max, layer-0 boundaries"}  # chunk bounds of layer 0's keys
 
@@ -71,9 +72,18 @@ def main(argv=None):
     ap.add_argument("--offset", type=int, default=0, help="first character of the text used")
     ap.add_argument("--layer-step", type=int, default=3, help="every n-th full-attention layer")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--calibration", default=None,
+                    help="a file of `python -m dhsa calibrate` (fitted on other text) for the "
+                         f"row {CALIBRATED!r}")
+    ap.add_argument("--suffix", default="", help="appended to the results' name")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     started = utc_now()
+    cal = None
+    if args.calibration:
+        cal = dhsa.load_calibration(args.calibration)
+        ROWS[CALIBRATED] = ("dhsa_max", {})
+        args.rows = list(args.rows) + [CALIBRATED]
 
     from dhsa.analysis import capture_qkv, dense_probabilities, recall_from_probabilities
     from dhsa.harness.eval import haystack_text
@@ -127,6 +137,25 @@ def main(argv=None):
                         layer0[d] = dhsa.predict_selection(q0, k0, cfg).boundaries
                     bounds = layer0[d]
                 t = time.perf_counter()
+                if n == CALIBRATED:  # one selection per KV head, each at its own density
+                    H, Hkv = q.shape[1], k.shape[1]
+                    G = H // Hkv
+                    got, sel_pairs, all_pairs, spent = [], 0, 0, 0.0
+                    for g in range(Hkv):
+                        t = time.perf_counter()
+                        sg = dhsa.predict_selection(
+                            np.ascontiguousarray(q[:, g * G:(g + 1) * G]),
+                            np.ascontiguousarray(k[:, g:g + 1]), cal.config_for(cfg, li, g),
+                            scale=scale, softcap=softcap)
+                        spent += time.perf_counter() - t
+                        got.append(recall_from_probabilities(P[g * G:(g + 1) * G], sg))
+                        sel_pairs += int(sg.pairs_selected.sum())
+                        all_pairs += int(sg.pairs_allowed.sum())
+                    meta[(d, n)]["predict_s"].append(spent)
+                    recall[(d, n)].append(float(np.concatenate(got).mean()))
+                    meta[(d, n)]["density"].append(sel_pairs / all_pairs)
+                    meta[(d, n)]["ranges"].append(float("nan"))
+                    continue
                 sel = dhsa.predict_selection(q, k, cfg, scale=scale, softcap=softcap,
                                              boundaries=bounds)
                 meta[(d, n)]["predict_s"].append(time.perf_counter() - t)
@@ -155,13 +184,14 @@ def main(argv=None):
             ("density", "achieved density", ".4f"), ("ranges_per_block", "ranges / block", ".1f"),
             ("predict_ms", "predict ms", ".1f")]
     json_path, md_path = write_results(
-        f"ablate_scoring_{args.model}", machine=machine_info(), command=command_line(),
+        f"ablate_scoring_{args.model}{args.suffix}", machine=machine_info(), command=command_line(),
         started=started,
         config={"model": args.model, "length": L, "densities": args.densities, "layers": layers,
-                "text": args.haystack_dir or "generated prose", "offset": args.offset},
+                "text": args.haystack_dir or "generated prose", "offset": args.offset,
+                "calibration": args.calibration and os.path.basename(args.calibration)},
         rows=rows, tables=[(f"Attention-mass recall of {args.model} at equal achieved density",
                             rows, cols)],
-        out=os.path.join(args.out, f"ablate_scoring_{args.model}"))
+        out=os.path.join(args.out, f"ablate_scoring_{args.model}{args.suffix}"))
     print(f"wrote {json_path} and {md_path}")
     return 0
 

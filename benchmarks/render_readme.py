@@ -824,6 +824,23 @@ def block_scoring(res: Results) -> str:
                             f"({'at or above' if ours['recall_mean'] >= vs['recall_mean'] else 'below'})"
                             f" and {share(ours['recall_mean'] / orc['recall_mean'])} of the "
                             f"oracle's {f(orc['recall_mean'], 3)}")
+        if cfg.get("calibration"):
+            cal = res.json("calibration/" + cfg["calibration"].rsplit(".json", 1)[0])
+            fit = cal["fit"]
+            for d in dens:
+                ours, calr = (by.get(m, {}).get(d) for m in
+                              ("dhsa_max (max score, chunks 2-4)", "dhsa_max, calibrated budgets"))
+                if ours and calr:
+                    goal.append(
+                        f"at density {f(d, 3)}: calibrated budgets {f(calr['recall_mean'], 3)} "
+                        f"at achieved density {f(calr['density'], 4)}, against "
+                        f"{f(ours['recall_mean'], 3)} at {f(ours['density'], 4)} with one budget "
+                        f"for every head")
+            goal.append(f"the calibration (`{cfg['calibration']}`): {fit['tokens']:,} tokens of "
+                        f"{fit['text']}, {fit['seconds']:.0f} s on this machine; on that text "
+                        f"recall {f(fit['recall_uniform'], 3)} with one budget, "
+                        f"{f(fit['recall_measured'], 3)} calibrated, at density "
+                        f"{f(fit['density_measured'], 4)}")
         if goal:
             out.append("\n\n- " + ";\n- ".join(goal) + ".\n")
         out.append(f"\n<sub>Source: {source(res, name)}</sub>\n\n")

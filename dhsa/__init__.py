@@ -25,6 +25,7 @@ import sys
 from ._loader import _core
 from .api import (AttentionInfo, Selection, build_info, dense_attention, force_scalar,
                   predict_selection, sparse_attention)
+from .calibration import Calibration, load_calibration
 from .config import DHSAConfig
 
 __version__ = "0.1.0"
@@ -74,12 +75,14 @@ def __dir__():
 
 __all__ = [
     "AttentionInfo",
+    "Calibration",
     "DHSAConfig",
     "Selection",
     "backend_features",
     "build_info",
     "dense_attention",
     "force_scalar",
+    "load_calibration",
     "get_handle",
     "load_gemma3",
     "load_smollm2",

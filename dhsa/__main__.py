@@ -28,6 +28,8 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "tasks": ("dhsa.harness.sweep",
               "exact-match retrieval, copy and causal perplexity per method at equal density "
               "(resumable JSONL)"),
+    "calibrate": ("dhsa.harness.calibrate",
+                  "fit density budgets per layer and KV head from a model's attention (JSON)"),
     "table": ("dhsa.harness.sweep:table",
               "summary of sweep files: scores with 95% confidence intervals, heat maps"),
 }

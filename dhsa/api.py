@@ -123,6 +123,10 @@ def _check_config(config) -> DHSAConfig:
         return DHSAConfig()
     if not isinstance(config, DHSAConfig):
         raise TypeError(f"config must be a DHSAConfig or None, got {type(config).__name__}")
+    if config.calibration is not None:
+        raise ValueError("config.calibration holds budgets per layer and KV head, which this "
+                         "call cannot know: use dhsa.patch, or pass "
+                         "config.calibration.config_for(config, layer, kv_head) per head")
     return config
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 __all__ = ["DHSAConfig", "GRANULARITIES", "BUDGET_MODES", "CHUNKINGS", "METHODS",
            "NORMALIZATIONS", "CHUNK_SCORES"]
@@ -91,6 +92,14 @@ class DHSAConfig:
     MInference) and ``"oracle"`` (the keys with the most true attention
     mass; O(L^2), for short inputs and as an upper bound).
 
+    ``calibration``: a file written by ``python -m dhsa calibrate`` (or a
+    :class:`dhsa.Calibration`): density multipliers per layer and KV head
+    fitted from the model's own attention, and layers kept exact. It needs
+    ``budget_mode="density"`` and applies where the layer is known:
+    :func:`dhsa.patch` runs each KV head of a layer at its own density
+    (``Calibration.config_for``); the NumPy functions refuse a config that
+    carries one (they do not know the layer).
+
     This class is the one place where the meaning of the options is checked
     (``__post_init__``). The C core reads the fields by these names
     (``dhsa._core`` converts a config into its ``dhsa_predict_params``, the
@@ -122,8 +131,19 @@ class DHSAConfig:
     last_queries: int = 64
     dense_tail: int = 0
     chunk_score: str = "mean"
+    calibration: Optional[Union[str, "os.PathLike", "Calibration"]] = None
 
     def __post_init__(self) -> None:
+        if self.calibration is not None:
+            from .calibration import Calibration, load_calibration
+            if isinstance(self.calibration, (str, os.PathLike)):
+                object.__setattr__(self, "calibration", load_calibration(self.calibration))
+            elif not isinstance(self.calibration, Calibration):
+                raise TypeError("DHSAConfig.calibration must be a file path, a "
+                                f"dhsa.Calibration or None, got {type(self.calibration).__name__}")
+            if self.budget_mode != "density":
+                raise ValueError("DHSAConfig.calibration scales density budgets: it needs "
+                                 f"budget_mode='density', got {self.budget_mode!r}")
         _choice("method", self.method, METHODS)
         _choice("normalization", self.normalization, tuple(NORMALIZATIONS))
         _int("last_queries", self.last_queries, 1)

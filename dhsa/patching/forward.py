@@ -86,6 +86,7 @@ class _Plan:
     softcap: Optional[float]
     window: Optional[int]
     threads: Optional[int]
+    head_configs: Optional[Tuple[DHSAConfig, ...]] = None  # per KV head (a calibration)
 
 
 def _fits(cfg: DHSAConfig, nk: int, window: Optional[int]) -> bool:
@@ -96,6 +97,28 @@ def _fits(cfg: DHSAConfig, nk: int, window: Optional[int]) -> bool:
     if cfg.budget_mode == "adaptive":
         return most <= cfg.min_budget
     return False
+
+
+def _sparse(plan: _Plan, stats: CallStats, qi, ki, vi, win, weight) -> np.ndarray:
+    """Sparse attention of one item; with per-KV-head configs (a calibration),
+    one call per KV head and its query heads."""
+    kw = dict(causal=True, scale=plan.scale, softcap=plan.softcap, window=win,
+              num_threads=plan.threads, return_info=True)
+    heads = plan.head_configs
+    if heads is None or len(set(heads)) == 1:
+        o, info = sparse_attention(qi, ki, vi, heads[0] if heads else plan.config, **kw)
+        stats.sparse(weight, info)
+        return o
+    Hkv = ki.shape[1]
+    G = qi.shape[1] // Hkv
+    out = np.empty_like(qi)
+    for g, cfg in enumerate(heads):
+        o, info = sparse_attention(np.ascontiguousarray(qi[:, g * G:(g + 1) * G]),
+                                   np.ascontiguousarray(ki[:, g:g + 1]),
+                                   np.ascontiguousarray(vi[:, g:g + 1]), cfg, **kw)
+        out[:, g * G:(g + 1) * G] = o
+        stats.sparse(weight / Hkv, info)
+    return out
 
 
 def _attend(plan: _Plan, stats: CallStats, qi: np.ndarray, ki: np.ndarray,
@@ -115,11 +138,7 @@ def _attend(plan: _Plan, stats: CallStats, qi: np.ndarray, ki: np.ndarray,
                             softcap=plan.softcap, window=win, num_threads=plan.threads)
         stats.dense("decode" if nq == 1 else "dense", reason, weight, time.perf_counter() - t0)
         return o
-    o, info = sparse_attention(qi, ki, vi, plan.config, causal=True, scale=plan.scale,
-                               softcap=plan.softcap, window=win, num_threads=plan.threads,
-                               return_info=True)
-    stats.sparse(weight, info)
-    return o
+    return _sparse(plan, stats, qi, ki, vi, win, weight)
 
 
 def dhsa_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -140,11 +159,21 @@ def dhsa_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     cfg, forced_dense = handle.config_for(layer, name)
+    heads = None
+    cal = cfg.calibration
+    if cal is not None:  # budgets per layer and KV head, checked against this call
+        cal.check_shape(H, Hkv, D, layer)
+        forced_dense = forced_dense or (layer is not None and layer in cal.dense_layers)
+        if cfg.granularity == "layer":
+            heads = (cal.config_for(cfg, layer),)
+        else:
+            heads = tuple(cal.config_for(cfg, layer, g) for g in range(Hkv))
+        cfg = heads[0]
     plan = _Plan(cfg, forced_dense, handle.dense_when_fits, handle.sparse_sliding, causal,
                  float(scaling) if scaling is not None else 1.0 / math.sqrt(D),
                  float(softcap) if softcap is not None and float(softcap) > 0 else None,
                  int(sliding_window) if sliding_window is not None and int(sliding_window) > 0
-                 else None, handle.num_threads)
+                 else None, handle.num_threads, heads)
     spans, padded, how = key_spans(attention_mask, key, value, Lq, causal, plan.window)
 
     def record(path, density, predict, attention, padded, reason, selection=None):

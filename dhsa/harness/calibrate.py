@@ -1,0 +1,135 @@
+"""``python -m dhsa calibrate``: fit budgets per layer and KV head from a model's attention.
+
+On a few thousand tokens of text, for every full-attention layer: capture
+its post-RoPE Q/K, measure the attention-mass recall of the selection per
+KV head at a ladder of density multipliers (the base config's density
+times each), and let :func:`dhsa.calibration.allocate` give each head the
+multiplier that buys the most recall at the target average density. The
+result is a small JSON file for ``DHSAConfig(calibration=FILE)``.
+
+    python -m dhsa calibrate --model smollm2 --density 0.125 --out smollm2.cal.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..api import predict_selection
+from ..calibration import Calibration, from_curves
+from ..config import DHSAConfig
+
+# density multipliers measured per head (the base density is the target's)
+MULTIPLIERS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.5, 8.0)
+
+
+def head_curves(q: np.ndarray, k: np.ndarray, cfg: DHSAConfig, multipliers: Sequence[float],
+                scale: Optional[float] = None, softcap: Optional[float] = None):
+    """(density, recall), each (Hkv, steps): achieved density and mean recall
+    of each KV head's query heads, per multiplier of cfg.density (batch item 0)."""
+    from ..analysis import dense_probabilities, recall_from_probabilities
+    P = dense_probabilities(q[:1], k[:1], scale=scale, softcap=softcap)
+    H, Hkv = q.shape[1], k.shape[1]
+    G = H // Hkv
+    dens = np.zeros((Hkv, len(multipliers)))
+    rec = np.zeros((Hkv, len(multipliers)))
+    for j, m in enumerate(multipliers):
+        sel = predict_selection(q[:1], k[:1], cfg.replace(density=min(1.0, cfg.density * m)),
+                                scale=scale, softcap=softcap)
+        r = recall_from_probabilities(P, sel)
+        per = sel.pairs_selected.reshape(-1)
+        allowed = sel.pairs_allowed.reshape(-1)
+        for g in range(Hkv):
+            gi = g if sel.groups == Hkv else 0
+            if sel.groups == H:  # query-head selections: the KV head's query heads summed
+                s_, a_ = per[g * G:(g + 1) * G].sum(), allowed[g * G:(g + 1) * G].sum()
+            else:
+                s_, a_ = per[gi], allowed[gi]
+            dens[g, j] = s_ / a_
+            rec[g, j] = r[g * G:(g + 1) * G].mean()
+    # a larger multiplier never keeps fewer keys; keep the curves monotone against ties
+    return np.maximum.accumulate(dens, axis=1), np.maximum.accumulate(rec, axis=1)
+
+
+def fit_calibration(model, input_ids, config: DHSAConfig, *, name: str = "model",
+                    multipliers: Sequence[float] = MULTIPLIERS, text: str = "",
+                    log=None) -> Calibration:
+    """The calibration of ``model`` for ``config`` from one forward pass over
+    ``input_ids`` (1, L), full-attention layers only: its target is the
+    density ``config`` achieves there uncalibrated, so that the calibrated
+    heads spend, on average, what the uniform budget spent."""
+    from ..analysis import capture_qkv
+    if 1.0 not in multipliers:
+        raise ValueError("the multipliers must include 1.0 (the uncalibrated budget)")
+    if config.budget_mode != "density":
+        raise ValueError("calibration fits density budgets: config.budget_mode must be 'density'")
+    config = config.replace(calibration=None)
+    t0 = time.perf_counter()
+    cap = capture_qkv(model, input_ids)
+    full = [li for li in sorted(cap) if not cap[li][3].get("sliding_window")]
+    curves = {}
+    for li in full:
+        q, k, _, kw = cap[li]
+        d, r = head_curves(q, k, config, multipliers, kw.get("scaling"), kw.get("softcap"))
+        curves[li] = (d, r, multipliers)
+        if log:
+            log(f"layer {li}: recall at x1 {r[:, list(multipliers).index(1.0)].mean():.4f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+    q0, k0 = cap[full[0]][0], cap[full[0]][1]
+    mcfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    shape = {"num_layers": int(mcfg.num_hidden_layers), "num_heads": int(q0.shape[1]),
+             "num_kv_heads": int(k0.shape[1]), "head_dim": int(q0.shape[3])}
+    base = {f: getattr(config, f) for f in ("block_size", "sink", "local", "density",
+                                             "granularity", "chunking", "min_chunk",
+                                             "max_chunk", "chunk_score", "method")}
+    # the target: the density the config achieves uncalibrated (its forced keys included)
+    i1 = list(multipliers).index(1.0)
+    target = float(np.mean([curves[li][0][:, i1].mean() for li in full]))
+    uniform = float(np.mean([curves[li][1][:, i1].mean() for li in full]))
+    fit = {"tokens": int(input_ids.shape[1]), "text": text, "multipliers": list(multipliers),
+           "recall_uniform": uniform, "seconds": round(time.perf_counter() - t0, 1)}
+    return from_curves(name, shape, min(1.0, target), curves, base, fit)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .models import MODELS
+    p.add_argument("--model", choices=sorted(MODELS), default="smollm2",
+                   help="the model to calibrate (default smollm2)")
+    p.add_argument("--text", default=None,
+                   help="a text file to calibrate on (default: generated prose)")
+    p.add_argument("--length", type=int, default=2048, help="tokens of text (default 2048)")
+    p.add_argument("--density", type=float, default=0.125,
+                   help="the average density the budgets keep (default 0.125)")
+    p.add_argument("--variant", default="dhsa_max",
+                   help="the harness method or variant whose selection is calibrated "
+                        "(default dhsa_max)")
+    p.add_argument("--out", required=True, help="the calibration file to write (JSON)")
+
+
+def run(args) -> int:
+    from .eval import haystack_text
+    from .models import load_model
+    from .protocol import matched_config
+    model, tok = load_model(args.model)
+    if args.text:
+        with open(args.text, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    else:
+        text = haystack_text(None, n_chars=8 * args.length + 10_000)
+    ids = tok(text, return_tensors="pt").input_ids[:, :args.length]
+    L = int(ids.shape[1])
+    cfg = matched_config(args.variant, args.density, L)
+    cal = fit_calibration(model, ids, cfg, name=args.model,
+                          text=os.path.basename(args.text) if args.text else "generated prose",
+                          log=lambda m: print(m, flush=True))
+    cal.save(args.out)
+    fit = dict(cal.fit)
+    print(f"wrote {args.out}: {len(cal.layers)} layers x {cal.num_kv_heads} KV heads, "
+          f"recall on the calibration text {fit['recall_uniform']:.4f} -> "
+          f"{fit['recall_measured']:.4f} at density {fit['density_measured']:.4f} "
+          f"({fit['seconds']} s)")
+    return 0
