@@ -89,6 +89,7 @@ def main(argv=None):
     from dhsa.harness.eval import haystack_text
     from dhsa.harness.models import load_model
     from dhsa.harness.protocol import matched_config
+    from dhsa.rules import query_heads_of
 
     model, tok = load_model(args.model)
     text = haystack_text(args.haystack_dir, n_chars=args.offset + 8 * args.length + 10_000)
@@ -139,16 +140,16 @@ def main(argv=None):
                 t = time.perf_counter()
                 if n == CALIBRATED:  # one selection per KV head, each at its own density
                     H, Hkv = q.shape[1], k.shape[1]
-                    G = H // Hkv
                     got, sel_pairs, all_pairs, spent = [], 0, 0, 0.0
                     for g in range(Hkv):
+                        qh = query_heads_of(g, H, Hkv)
                         t = time.perf_counter()
                         sg = dhsa.predict_selection(
-                            np.ascontiguousarray(q[:, g * G:(g + 1) * G]),
+                            np.ascontiguousarray(q[:, qh]),
                             np.ascontiguousarray(k[:, g:g + 1]), cal.config_for(cfg, li, g),
                             scale=scale, softcap=softcap)
                         spent += time.perf_counter() - t
-                        got.append(recall_from_probabilities(P[g * G:(g + 1) * G], sg))
+                        got.append(recall_from_probabilities(P[qh], sg))
                         sel_pairs += int(sg.pairs_selected.sum())
                         all_pairs += int(sg.pairs_allowed.sum())
                     meta[(d, n)]["predict_s"].append(spent)

@@ -189,6 +189,12 @@ def kv_head_of(h: int, H: int, Hkv: int) -> int:
     return h // (H // Hkv)
 
 
+def query_heads_of(kv_head: int, H: int, Hkv: int) -> slice:
+    """The query heads reading KV head ``kv_head``: [kv_head * G, (kv_head + 1) * G)."""
+    G = H // Hkv
+    return slice(kv_head * G, (kv_head + 1) * G)
+
+
 def expand_kv(x: np.ndarray, H: int) -> np.ndarray:
     """(B, Hkv, L, D) -> (B, H, L, D): each KV head repeated for its query heads."""
     return np.repeat(x, H // x.shape[1], axis=1)

@@ -33,23 +33,19 @@ def head_curves(q: np.ndarray, k: np.ndarray, cfg: DHSAConfig, multipliers: Sequ
     from ..analysis import dense_probabilities, recall_from_probabilities
     P = dense_probabilities(q[:1], k[:1], scale=scale, softcap=softcap)
     H, Hkv = q.shape[1], k.shape[1]
-    G = H // Hkv
     dens = np.zeros((Hkv, len(multipliers)))
     rec = np.zeros((Hkv, len(multipliers)))
     for j, m in enumerate(multipliers):
         sel = predict_selection(q[:1], k[:1], cfg.replace(density=min(1.0, cfg.density * m)),
                                 scale=scale, softcap=softcap)
-        r = recall_from_probabilities(P, sel)
-        per = sel.pairs_selected.reshape(-1)
-        allowed = sel.pairs_allowed.reshape(-1)
-        for g in range(Hkv):
-            gi = g if sel.groups == Hkv else 0
-            if sel.groups == H:  # query-head selections: the KV head's query heads summed
-                s_, a_ = per[g * G:(g + 1) * G].sum(), allowed[g * G:(g + 1) * G].sum()
-            else:
-                s_, a_ = per[gi], allowed[gi]
-            dens[g, j] = s_ / a_
-            rec[g, j] = r[g * G:(g + 1) * G].mean()
+        # groups per KV head: 1/Hkv of one layer group, 1 kv_head group or G query-head groups
+        per = sel.pairs_selected.reshape(-1).astype(np.float64)
+        allowed = sel.pairs_allowed.reshape(-1).astype(np.float64)
+        if sel.groups == 1:
+            dens[:, j] = per[0] / allowed[0]
+        else:
+            dens[:, j] = per.reshape(Hkv, -1).sum(1) / allowed.reshape(Hkv, -1).sum(1)
+        rec[:, j] = recall_from_probabilities(P, sel).reshape(Hkv, -1).mean(1)
     # a larger multiplier never keeps fewer keys; keep the curves monotone against ties
     return np.maximum.accumulate(dens, axis=1), np.maximum.accumulate(rec, axis=1)
 

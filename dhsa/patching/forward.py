@@ -6,6 +6,7 @@ One call: check the arguments, find each batch item's keys and queries
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..api import dense_attention, sparse_attention
 from ..config import DHSAConfig
+from ..rules import query_heads_of
 from .masks import exact_masked, key_spans
 from .registry import binding_of
 from .stats import CallRecord, CallStats
@@ -106,19 +108,29 @@ def _sparse(plan: _Plan, stats: CallStats, qi, ki, vi, win, weight) -> np.ndarra
               num_threads=plan.threads, return_info=True)
     heads = plan.head_configs
     if heads is None or len(set(heads)) == 1:
-        o, info = sparse_attention(qi, ki, vi, heads[0] if heads else plan.config, **kw)
+        o, info = sparse_attention(qi, ki, vi, plan.config, **kw)
         stats.sparse(weight, info)
         return o
-    Hkv = ki.shape[1]
-    G = qi.shape[1] // Hkv
+    H, Hkv = qi.shape[1], ki.shape[1]
     out = np.empty_like(qi)
     for g, cfg in enumerate(heads):
-        o, info = sparse_attention(np.ascontiguousarray(qi[:, g * G:(g + 1) * G]),
+        qh = query_heads_of(g, H, Hkv)
+        o, info = sparse_attention(np.ascontiguousarray(qi[:, qh]),
                                    np.ascontiguousarray(ki[:, g:g + 1]),
                                    np.ascontiguousarray(vi[:, g:g + 1]), cfg, **kw)
-        out[:, g * G:(g + 1) * G] = o
+        out[:, qh] = o
         stats.sparse(weight / Hkv, info)
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _head_configs(cfg: DHSAConfig, layer: Optional[int], Hkv: int) -> Tuple[DHSAConfig, ...]:
+    """The plain configs a calibrated config gives one layer: one for the
+    "layer" granularity, else one per KV head (made once per layer, not per call)."""
+    cal = cfg.calibration
+    if cfg.granularity == "layer":
+        return (cal.config_for(cfg, layer),)
+    return tuple(cal.config_for(cfg, layer, g) for g in range(Hkv))
 
 
 def _attend(plan: _Plan, stats: CallStats, qi: np.ndarray, ki: np.ndarray,
@@ -164,10 +176,7 @@ def dhsa_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     if cal is not None:  # budgets per layer and KV head, checked against this call
         cal.check_shape(H, Hkv, D, layer)
         forced_dense = forced_dense or (layer is not None and layer in cal.dense_layers)
-        if cfg.granularity == "layer":
-            heads = (cal.config_for(cfg, layer),)
-        else:
-            heads = tuple(cal.config_for(cfg, layer, g) for g in range(Hkv))
+        heads = _head_configs(cfg, layer, Hkv)
         cfg = heads[0]
     plan = _Plan(cfg, forced_dense, handle.dense_when_fits, handle.sparse_sliding, causal,
                  float(scaling) if scaling is not None else 1.0 / math.sqrt(D),
