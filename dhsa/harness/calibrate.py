@@ -12,6 +12,7 @@ result is a small JSON file for ``DHSAConfig(calibration=FILE)``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from typing import Optional, Sequence
@@ -119,11 +120,17 @@ def run(args) -> int:
     ids = tok(text, return_tensors="pt").input_ids[:, :args.length]
     L = int(ids.shape[1])
     cfg = matched_config(args.variant, args.density, L)
+    from datetime import datetime, timezone
+    import sys
+    from .provenance import git_state, machine
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cal = fit_calibration(model, ids, cfg, name=args.model,
                           text=os.path.basename(args.text) if args.text else "generated prose",
                           log=lambda m: print(m, flush=True))
+    fit = dict(cal.fit, command="python -m dhsa " + " ".join(sys.argv[1:]), date=started,
+               machine=machine(), **git_state())
+    cal = dataclasses.replace(cal, fit=tuple(sorted(fit.items())))
     cal.save(args.out)
-    fit = dict(cal.fit)
     print(f"wrote {args.out}: {len(cal.layers)} layers x {cal.num_kv_heads} KV heads, "
           f"recall on the calibration text {fit['recall_uniform']:.4f} -> "
           f"{fit['recall_measured']:.4f} at density {fit['density_measured']:.4f} "
