@@ -37,6 +37,10 @@ def test_demo_budget_below_the_forced_keys_is_an_argparse_error(tmp_path):
     (["niah", "--budget", "100"], "--budget (100) must be >= sink + local + block_size (384)"),
     (["ppl", "--budgets", "1024", "200"], "--budgets 200: --budget (200) must be >= sink"),
     (["recall", "--local", "-1"], "--local must be >= 0, got -1"),
+    (["calibrate", "--out", "x.json", "--density", "0"], "argument --density: must be in (0, 1]"),
+    (["calibrate", "--out", "x.json", "--length", "-5"], "argument --length: must be a positive"),
+    (["calibrate", "--out", "x.json", "--variant", "dense"], "argument --variant: invalid choice"),
+    (["calibrate", "--out", "x.json", "--text", "/no/such/file.txt"], "argument --text: no such file"),
     (["recall", "--threads", "-2"], "argument --threads: must be a positive number"),
 ])
 def test_invalid_options_end_in_argparse_errors(argv, message, capsys):

@@ -92,16 +92,31 @@ def fit_calibration(model, input_ids, config: DHSAConfig, *, name: str = "model"
     return from_curves(name, shape, min(1.0, target), curves, base, fit)
 
 
+def _density(text: str) -> float:
+    d = float(text)
+    if not 0.0 < d <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {d}")
+    return d
+
+
+def _length(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of tokens, got {n}")
+    return n
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .models import MODELS
+    from .protocol import VARIANTS
     p.add_argument("--model", choices=sorted(MODELS), default="smollm2",
                    help="the model to calibrate (default smollm2)")
     p.add_argument("--text", default=None,
                    help="a text file to calibrate on (default: generated prose)")
-    p.add_argument("--length", type=int, default=2048, help="tokens of text (default 2048)")
-    p.add_argument("--density", type=float, default=0.125,
+    p.add_argument("--length", type=_length, default=2048, help="tokens of text (default 2048)")
+    p.add_argument("--density", type=_density, default=0.125,
                    help="the average density the budgets keep (default 0.125)")
-    p.add_argument("--variant", default="dhsa_max",
+    p.add_argument("--variant", choices=("dhsa", "block_topk", *VARIANTS), default="dhsa_max",
                    help="the harness method or variant whose selection is calibrated "
                         "(default dhsa_max)")
     p.add_argument("--out", required=True, help="the calibration file to write (JSON)")
@@ -111,6 +126,8 @@ def run(args) -> int:
     from .eval import haystack_text
     from .models import load_model
     from .protocol import matched_config
+    if args.text and not os.path.isfile(args.text):
+        args._parser.error(f"argument --text: no such file: {args.text}")
     model, tok = load_model(args.model)
     if args.text:
         with open(args.text, encoding="utf-8", errors="replace") as f:
