@@ -58,7 +58,11 @@ ROWS = {
     "vertical_slash": ("vertical_slash", {}),
     "oracle": ("oracle", {}),
 }
-CALIBRATED = "dhsa_max, calibrated budgets"  # with --calibration: per-KV-head densities
+# with --calibration FILE: "<variant>, calibrated budgets" (per-KV-head densities, and the
+# file's learned boundaries if it has them) and, for a file with learned boundaries,
+# "<variant>, learned boundaries" (uniform budgets); <variant> is the one it was fitted for
+CALIBRATED = set()
+LEARNED = set()
 ADAPTIVE = {"dhsa, adaptive (mass matched)"}      # mass bisected per layer to the density
 SHARED_BOUNDS = {"dhsa_max, layer-0 boundaries"}  # chunk bounds of layer 0's keys
 
@@ -73,8 +77,9 @@ def main(argv=None):
     ap.add_argument("--layer-step", type=int, default=3, help="every n-th full-attention layer")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--calibration", default=None,
-                    help="a file of `python -m dhsa calibrate` (fitted on other text) for the "
-                         f"row {CALIBRATED!r}")
+                    help="a file of `python -m dhsa calibrate` (fitted on other text): adds "
+                         "the rows '<variant>, calibrated budgets' and, if it holds learned "
+                         "boundaries, '<variant>, learned boundaries'")
     ap.add_argument("--suffix", default="", help="appended to the results' name")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
@@ -82,8 +87,17 @@ def main(argv=None):
     cal = None
     if args.calibration:
         cal = dhsa.load_calibration(args.calibration)
-        ROWS[CALIBRATED] = ("dhsa_max", {})
-        args.rows = list(args.rows) + [CALIBRATED]
+        variant = dict(cal.fit).get("variant", "dhsa_max")
+        extra = []
+        if cal.boundary_layers:
+            extra.append(f"{variant}, learned boundaries")
+            LEARNED.add(extra[-1])
+        extra.append(f"{variant}, calibrated budgets"
+                     + (" and boundaries" if cal.boundary_layers else ""))
+        CALIBRATED.add(extra[-1])
+        for n in extra:
+            ROWS[n] = (variant, {})
+        args.rows = list(args.rows) + extra
 
     from dhsa.analysis import capture_qkv, dense_probabilities, recall_from_probabilities
     from dhsa.harness.eval import haystack_text
@@ -138,7 +152,20 @@ def main(argv=None):
                         layer0[d] = dhsa.predict_selection(q0, k0, cfg).boundaries
                     bounds = layer0[d]
                 t = time.perf_counter()
-                if n == CALIBRATED:  # one selection per KV head, each at its own density
+                if n in LEARNED:  # the file's boundaries, uniform budgets
+                    bm = cal.boundary_model_for(li)
+                    lcfg = cfg.replace(boundary_window=cal.boundary_window) if bm is not None \
+                        else cfg
+                    t = time.perf_counter()
+                    sel = dhsa.predict_selection(q, k, lcfg, scale=scale, softcap=softcap,
+                                                 boundary_model=bm)
+                    meta[(d, n)]["predict_s"].append(time.perf_counter() - t)
+                    recall[(d, n)].append(float(recall_from_probabilities(P, sel).mean()))
+                    meta[(d, n)]["density"].append(sel.density)
+                    meta[(d, n)]["ranges"].append(
+                        len(sel.starts) / max(1, sel.groups * sel.num_blocks))
+                    continue
+                if n in CALIBRATED:  # one selection per KV head, each at its own density
                     H, Hkv = q.shape[1], k.shape[1]
                     got, sel_pairs, all_pairs, spent = [], 0, 0, 0.0
                     for g in range(Hkv):
@@ -147,7 +174,8 @@ def main(argv=None):
                         sg = dhsa.predict_selection(
                             np.ascontiguousarray(q[:, qh]),
                             np.ascontiguousarray(k[:, g:g + 1]), cal.config_for(cfg, li, g),
-                            scale=scale, softcap=softcap)
+                            scale=scale, softcap=softcap,
+                            boundary_model=cal.boundary_model_for(li, g))
                         spent += time.perf_counter() - t
                         got.append(recall_from_probabilities(P[qh], sg))
                         sel_pairs += int(sg.pairs_selected.sum())

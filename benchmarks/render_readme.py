@@ -827,19 +827,31 @@ def block_scoring(res: Results) -> str:
         if cfg.get("calibration"):
             cal = res.json("calibration/" + cfg["calibration"].rsplit(".json", 1)[0])
             fit = cal["fit"]
+            variant = fit.get("variant", "dhsa_max")
+            uniform = "dhsa_max (max score, chunks 2-4)" if variant == "dhsa_max" else variant
+            fitted = [n for n in order if n.startswith(variant + ", ")
+                      and ("calibrated" in n or "learned" in n)]
             for d in dens:
-                ours, calr = (by.get(m, {}).get(d) for m in
-                              ("dhsa_max (max score, chunks 2-4)", "dhsa_max, calibrated budgets"))
-                if ours and calr:
-                    goal.append(
-                        f"at density {f(d, 3)}: calibrated budgets {f(calr['recall_mean'], 3)} "
-                        f"at achieved density {f(calr['density'], 4)}, against "
-                        f"{f(ours['recall_mean'], 3)} at {f(ours['density'], 4)} with one budget "
-                        f"for every head")
-            goal.append(f"the calibration (`{cfg['calibration']}`): {fit['tokens']:,} tokens of "
-                        f"{fit['text']}, {fit['seconds']:.0f} s on this machine; on that text "
-                        f"recall {f(fit['recall_uniform'], 3)} with one budget, "
-                        f"{f(fit['recall_measured'], 3)} calibrated, at density "
+                ours = by.get(uniform, {}).get(d)
+                for n in fitted:
+                    calr = by[n].get(d)
+                    if ours and calr:
+                        goal.append(
+                            f"at density {f(d, 3)}: {n} {f(calr['recall_mean'], 3)} at achieved "
+                            f"density {f(calr['density'], 4)}, against {f(ours['recall_mean'], 3)} "
+                            f"at {f(ours['density'], 4)} for {variant} with cosine boundaries "
+                            f"and one budget for every head")
+            learned = " and learned boundaries (window " \
+                f"{cal['boundaries']['window']})" if (cal.get("boundaries") or {}).get("models") \
+                else ""
+            goal.append(f"the calibration (`{cfg['calibration']}`, {variant}{learned}): "
+                        f"{fit['tokens']:,} tokens of {fit['text']}, {fit['seconds']:.0f} s on "
+                        f"this machine; on that text recall "
+                        + (f"{f(fit['recall_cosine'], 3)} uncalibrated, "
+                           f"{f(fit['recall_uniform'], 3)} with learned boundaries, "
+                           if "recall_cosine" in fit else
+                           f"{f(fit['recall_uniform'], 3)} uncalibrated, ")
+                        + f"{f(fit['recall_measured'], 3)} calibrated, at density "
                         f"{f(fit['density_measured'], 4)}")
         if goal:
             out.append("\n\n- " + ";\n- ".join(goal) + ".\n")

@@ -15,10 +15,17 @@
  * (DHSAConfig checks local >= window + nms_radius): appending keys moves no
  * boundary at or before Lk - window - nms_radius.
  *
+ * A learned boundary model (a row of weights fitted offline from the
+ * model's own attention, dhsa/harness/calibrate.py) replaces the cosine by a
+ * linear score of features of the same two window means: the squared and
+ * the product terms per dimension, the cosine distance, the distance and the
+ * two norms. It reads the same keys, so the look-ahead is the same.
+ *
  * Plain C without intrinsics (the compiler vectorises the split sums of the
  * score loop), so there is no separate scalar twin.
  *
- * Must agree with dhsa/reference.py: boundary_scores (to float64 rounding:
+ * Must agree with dhsa/reference.py: boundary_scores, with and without a
+ * model (to float64 rounding:
  * reciprocals and split sums here, divisions there) and find_boundaries
  * (decision for decision on the same scores; tests/test_chunking.py).
  */
@@ -26,11 +33,48 @@
 #include <string.h>
 #include "internal.h"
 
+/* The two centred window means at one position, from three prefix rows:
+ * a = mean of keys [t - wl, t) - mu, b = mean of [t, t + wr) - mu, mu the mean
+ * of keys [0, t); reciprocals, not three divisions per element. */
+typedef struct {
+    const double *p0, *pt, *p1;
+    double inv_t, inv_l, inv_r;
+} window_means;
+
+static inline void centred(const window_means *w, int64_t x, double *a, double *b) {
+    const double mu = w->pt[x] * w->inv_t;
+    *a = (w->pt[x] - w->p0[x]) * w->inv_l - mu;
+    *b = (w->p1[x] - w->pt[x]) * w->inv_r - mu;
+}
+
+/* The learned score at one position (see dhsa.h for the row's layout): a
+ * second pass over the W values, kept apart from the cosine loop so that
+ * loop stays branch-free. Four partial sums per reduction (as there). */
+static double learned_score(const double *model, const window_means *w, int64_t W,
+                            double cosd, double nl, double nr) {
+    const double *wsq = model, *wpr = model + W, *tail = model + 2 * W;
+    double sq[4] = {0, 0, 0, 0}, pr[4] = {0, 0, 0, 0}, dd[4] = {0, 0, 0, 0};
+    for (int64_t x = 0; x < W; x++) {
+        double a, b;
+        centred(w, x, &a, &b);
+        const double e = a - b;
+        sq[x & 3] += wsq[x] * (e * e);
+        pr[x & 3] += wpr[x] * (a * b);
+        dd[x & 3] += e * e;
+    }
+    const double lin = ((sq[0] + sq[1]) + (sq[2] + sq[3])) + ((pr[0] + pr[1]) + (pr[2] + pr[3]));
+    const double dist = sqrt((dd[0] + dd[1]) + (dd[2] + dd[3]));
+    return tail[DHSA_BMODEL_BIAS] + lin + tail[DHSA_BMODEL_COS] * cosd +
+           tail[DHSA_BMODEL_DIST] * dist + tail[DHSA_BMODEL_NORM_L] * nl +
+           tail[DHSA_BMODEL_NORM_R] * nr;
+}
+
 /* score (Lk) from k: nheads heads of (Lk, D), head_stride floats apart.
  * Running sums are kept in a ring of 2 * window + 2 rows (row x = sum of keys
  * [0, x)), so memory is O(window * heads * D) whatever Lk is. */
 int dhsa_chunking_boundary_scores(double *score, const float *k, int64_t Lk, int64_t D,
-                                  int64_t nheads, int64_t head_stride, int64_t window) {
+                                  int64_t nheads, int64_t head_stride, int64_t window,
+                                  const double *model) {
     if (!score || !k || Lk <= 0 || D <= 0 || nheads <= 0 || window <= 0) return DHSA_EINVAL;
     window = DHSA_MIN(window, Lk);
     const int64_t W = nheads * D; /* heads concatenated */
@@ -52,26 +96,24 @@ int dhsa_chunking_boundary_scores(double *score, const float *k, int64_t Lk, int
             }
             made++;
         }
-        const double *p0 = ROW(t - wl), *pt = ROW(t), *p1 = ROW(t + wr);
-        /* reciprocals, not three divisions per element; four partial sums
-         * per reduction so the loop vectorises (a serial chain otherwise) */
-        const double inv_t = 1.0 / (double)t, inv_l = 1.0 / (double)wl, inv_r = 1.0 / (double)wr;
+        const window_means w = {ROW(t - wl), ROW(t), ROW(t + wr), 1.0 / (double)t,
+                                1.0 / (double)wl, 1.0 / (double)wr};
+        /* four partial sums per reduction so the loop vectorises (a serial
+         * chain otherwise) */
         double pd[4] = {0, 0, 0, 0}, pl[4] = {0, 0, 0, 0}, pr[4] = {0, 0, 0, 0};
         int64_t x = 0;
         for (; x + 4 <= W; x += 4) {
             for (int u = 0; u < 4; u++) {
-                const double mu = pt[x + u] * inv_t;
-                const double a = (pt[x + u] - p0[x + u]) * inv_l - mu;
-                const double b = (p1[x + u] - pt[x + u]) * inv_r - mu;
+                double a, b;
+                centred(&w, x + u, &a, &b);
                 pd[u] += a * b;
                 pl[u] += a * a;
                 pr[u] += b * b;
             }
         }
         for (; x < W; x++) {
-            const double mu = pt[x] * inv_t;
-            const double a = (pt[x] - p0[x]) * inv_l - mu;
-            const double b = (p1[x] - pt[x]) * inv_r - mu;
+            double a, b;
+            centred(&w, x, &a, &b);
             pd[0] += a * b;
             pl[0] += a * a;
             pr[0] += b * b;
@@ -79,7 +121,8 @@ int dhsa_chunking_boundary_scores(double *score, const float *k, int64_t Lk, int
         const double dot = (pd[0] + pd[1]) + (pd[2] + pd[3]);
         const double nl = (pl[0] + pl[1]) + (pl[2] + pl[3]);
         const double nr = (pr[0] + pr[1]) + (pr[2] + pr[3]);
-        score[t] = (nl > 0.0 && nr > 0.0) ? 1.0 - dot / (sqrt(nl) * sqrt(nr)) : 0.0;
+        const double cosd = (nl > 0.0 && nr > 0.0) ? 1.0 - dot / (sqrt(nl) * sqrt(nr)) : 0.0;
+        score[t] = model ? learned_score(model, &w, W, cosd, sqrt(nl), sqrt(nr)) : cosd;
     }
 #undef ROW
     free(prefix);

@@ -142,14 +142,27 @@ int dhsa_selection_check(const dhsa_selection *sel, const dhsa_attn_shape *s);
 
 struct dhsa_predict_params; /* below */
 
+/* A learned boundary model for a chunking group of W = heads * D values per
+ * key: a row of dhsa_bmodel_len(W) = 2 W + 6 doubles,
+ *   [0, W)   weights of (a_x - b_x)^2      [W, 2W) weights of a_x * b_x
+ *   then the weights of 1 - cos(a, b), |a - b|, |a|, |b|, the bias, and
+ *   the threshold the boundary scan uses in place of the config's,
+ * where a / b are the centred window means of dhsa_chunking_boundary_scores. */
+enum { DHSA_BMODEL_COS, DHSA_BMODEL_DIST, DHSA_BMODEL_NORM_L, DHSA_BMODEL_NORM_R,
+       DHSA_BMODEL_BIAS, DHSA_BMODEL_THRESHOLD, DHSA_BMODEL_TAIL };
+static inline int64_t dhsa_bmodel_len(int64_t W) { return 2 * W + DHSA_BMODEL_TAIL; }
+
 /* score (Lk) = boundary score of every key position of one chunking group:
  * the heads [0, nheads) of k (each (Lk, D), head_stride floats apart).
- * score[t] = 1 - cos(mL - mu, mR - mu) where mL / mR are the mean keys of
- * the `window` positions left / right of t (fewer at the edges) and mu the
- * mean of keys [0, t); score[0] = 0, and 0 where a vector is zero. */
+ * a = mL - mu, b = mR - mu where mL / mR are the mean keys of the `window`
+ * positions left / right of t (fewer at the edges) and mu the mean of keys
+ * [0, t), heads concatenated. Without a model (NULL) score[t] = 1 - cos(a, b)
+ * (0 where a vector is zero); with one, the model's linear score of a and b
+ * (layout above; its threshold is not read here). score[0] = 0. */
 int dhsa_chunking_boundary_scores(double *score, const float *k,
                                   int64_t Lk, int64_t D, int64_t nheads,
-                                  int64_t head_stride, int64_t window);
+                                  int64_t head_stride, int64_t window,
+                                  const double *model);
 
 /* bounds (cap Lk + 1) = 0 = b0 < b1 < ... < bN = Lk by a left-to-right scan
  * with p's threshold, min_chunk, max_chunk, nms_radius and max_chunks:
@@ -240,6 +253,10 @@ typedef struct dhsa_predict_params {
     int method;               /* enum dhsa_method */
     int64_t dense_tail;       /* >= 0: the blocks holding the last dense_tail queries keep all their keys */
     int chunk_score;          /* enum dhsa_chunk_score (tokens and density budgets) */
+    /* dynamic chunking: NULL (cosine scores), or one learned boundary model
+     * row per chunking group (CG rows of dhsa_bmodel_len(heads * D), shared
+     * by the batch): its scores and its threshold replace the cosine's */
+    const double *boundary_model;
 } dhsa_predict_params;
 
 /* A whole prediction, allocated by dhsa_predict, released with

@@ -697,6 +697,59 @@ done:
     return rc;
 }
 
+/* A learned boundary model: a 2-D float64-convertible array of one row per
+ * chunking group, each dhsa_bmodel_len(heads * D) long, every value finite,
+ * for dynamic chunking without caller-given boundaries. *arr keeps the
+ * converted array alive; p->boundary_model points into it. */
+static int parse_boundary_model(PyObject *obj, const dhsa_attn_shape *s, dhsa_predict_params *p,
+                                int with_bounds, PyArrayObject **arr) {
+    *arr = NULL;
+    if (obj == Py_None) return 0;
+    if (p->chunking != DHSA_CHUNK_DYNAMIC) {
+        PyErr_SetString(PyExc_ValueError,
+                        "boundary_model needs config.chunking='dynamic' (it scores the boundaries)");
+        return -1;
+    }
+    if (with_bounds) {
+        PyErr_SetString(PyExc_ValueError, "give boundaries or boundary_model, not both");
+        return -1;
+    }
+    if (PyUnicode_Check(obj) || PyBytes_Check(obj)) {
+        PyErr_SetString(PyExc_TypeError, "boundary_model must be a 2-D array of reals");
+        return -1;
+    }
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(
+        obj, NPY_FLOAT64, 0, 0, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+    if (!a) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_TypeError, "boundary_model must be a 2-D array of reals");
+        return -1;
+    }
+    int64_t kh0 = 0, heads = 0;
+    const int64_t cg = dhsa_rule_chunk_groups(s, p->granularity);
+    dhsa_rule_chunk_heads(s, p->granularity, 0, &kh0, &heads);
+    const int64_t len = dhsa_bmodel_len(heads * s->D);
+    if (PyArray_NDIM(a) != 2 || PyArray_DIM(a, 0) != cg || PyArray_DIM(a, 1) != len) {
+        PyErr_Format(PyExc_ValueError,
+                     "boundary_model must have shape (%lld, %lld) (chunk groups, 2 * %lld * "
+                     "head_dim + %d), got %s", (long long)cg, (long long)len, (long long)heads,
+                     (int)DHSA_BMODEL_TAIL, PyArray_NDIM(a) == 2 ? "another shape" : "another rank");
+        Py_DECREF(a);
+        return -1;
+    }
+    const double *d = PyArray_DATA(a);
+    for (int64_t i = 0; i < cg * len; i++)
+        if (!isfinite(d[i])) {
+            PyErr_Format(PyExc_ValueError, "boundary_model[%lld, %lld] is not finite",
+                         (long long)(i / len), (long long)(i % len));
+            Py_DECREF(a);
+            return -1;
+        }
+    p->boundary_model = d;
+    *arr = a;
+    return 0;
+}
+
 /* ---- a prediction as NumPy arrays ------------------------------------------ */
 
 static void prediction_capsule_free(PyObject *capsule) {
@@ -798,18 +851,19 @@ static PyObject *predict_failed(int status, const attn_args *a, const int64_t *b
  *   chunk_groups, select_groups, num_blocks, block_size, predict_seconds */
 static PyObject *py_predict(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"q", "k", "config", "causal", "scale", "window", "boundaries",
-                             "return_scores", "num_threads", NULL};
+                             "return_scores", "num_threads", "boundary_model", NULL};
     PyObject *q, *k, *config, *scale = Py_None, *window = Py_None, *bounds_in = Py_None,
-             *threads = Py_None, *result = NULL;
+             *threads = Py_None, *bmodel_in = Py_None, *result = NULL;
+    PyArrayObject *bmodel = NULL;
     int causal = 1, return_scores = 0, st = DHSA_OK;
     attn_args a;
     dhsa_predict_params p;
     dhsa_prediction *pred = NULL;
     int64_t *bounds = NULL, *num_bounds = NULL, ncg = 0;
     memset(&a, 0, sizeof(a));
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$pOOOpO", kwlist, &q, &k, &config,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$pOOOpOO", kwlist, &q, &k, &config,
                                      &causal, &scale, &window, &bounds_in, &return_scores,
-                                     &threads))
+                                     &threads, &bmodel_in))
         return NULL;
     if (attn_args_parse(&a, q, k, NULL, causal, scale, Py_None, window, threads, 0) < 0)
         goto done;
@@ -818,6 +872,8 @@ static PyObject *py_predict(PyObject *self, PyObject *args, PyObject *kwargs) {
     if (bounds_in != Py_None &&
         parse_boundaries(bounds_in, ncg, a.shape.Lk, &bounds, &num_bounds) < 0)
         goto done;
+    if (parse_boundary_model(bmodel_in, &a.shape, &p, bounds_in != Py_None, &bmodel) < 0)
+        goto done;
     Py_BEGIN_ALLOW_THREADS
     st = dhsa_predict(&pred, PyArray_DATA(a.q), PyArray_DATA(a.k), &a.shape, &p, bounds,
                       num_bounds, return_scores ? DHSA_PREDICT_SCORES : 0, a.num_threads);
@@ -825,6 +881,7 @@ static PyObject *py_predict(PyObject *self, PyObject *args, PyObject *kwargs) {
     if (st != DHSA_OK) { predict_failed(st, &a, bounds, num_bounds, ncg, "predict"); goto done; }
     result = prediction_dict(pred, &a.shape);
 done:
+    Py_XDECREF(bmodel);
     PyMem_Free(bounds);
     PyMem_Free(num_bounds);
     attn_args_clear(&a);
@@ -844,11 +901,12 @@ done:
 static PyObject *py_sparse_attention(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"q", "k", "v", "config", "boundaries", "offsets", "starts", "ends",
                              "block_size", "causal", "scale", "softcap", "window",
-                             "num_threads", "return_info", NULL};
+                             "num_threads", "return_info", "boundary_model", NULL};
     PyObject *q, *k, *v, *config = Py_None, *bounds_in = Py_None, *offsets = NULL,
              *starts = NULL, *ends = NULL, *block_size = Py_None, *scale = Py_None,
              *softcap = Py_None, *window = Py_None, *threads = Py_None, *result = NULL,
-             *info = NULL;
+             *info = NULL, *bmodel_in = Py_None;
+    PyArrayObject *bmodel = NULL;
     int causal = 1, return_info = 0, st;
     attn_args a;
     sel_args s;
@@ -858,9 +916,10 @@ static PyObject *py_sparse_attention(PyObject *self, PyObject *args, PyObject *k
     PyArrayObject *out = NULL;
     memset(&a, 0, sizeof(a));
     memset(&s, 0, sizeof(s));
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$OOOOOOpOOOOp", kwlist, &q, &k, &v,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$OOOOOOpOOOOpO", kwlist, &q, &k, &v,
                                      &config, &bounds_in, &offsets, &starts, &ends, &block_size,
-                                     &causal, &scale, &softcap, &window, &threads, &return_info))
+                                     &causal, &scale, &softcap, &window, &threads, &return_info,
+                                     &bmodel_in))
         return NULL;
     const int given_sel = offsets || starts || ends || block_size != Py_None;
     if ((config == Py_None) == !given_sel) {
@@ -868,8 +927,10 @@ static PyObject *py_sparse_attention(PyObject *self, PyObject *args, PyObject *k
                         "sparse_attention needs either config or offsets/starts/ends/block_size");
         return NULL;
     }
-    if (config == Py_None && bounds_in != Py_None) {
-        PyErr_SetString(PyExc_TypeError, "boundaries need a config (they feed the prediction)");
+    if (config == Py_None && (bounds_in != Py_None || bmodel_in != Py_None)) {
+        PyErr_SetString(PyExc_TypeError, bounds_in != Py_None
+                            ? "boundaries need a config (they feed the prediction)"
+                            : "boundary_model needs a config (it feeds the prediction)");
         return NULL;
     }
     if (attn_args_parse(&a, q, k, v, causal, scale, softcap, window, threads, 1) < 0) goto done;
@@ -878,6 +939,8 @@ static PyObject *py_sparse_attention(PyObject *self, PyObject *args, PyObject *k
         ncg = a.shape.B * dhsa_rule_chunk_groups(&a.shape, p.granularity);
         if (bounds_in != Py_None &&
             parse_boundaries(bounds_in, ncg, a.shape.Lk, &bounds, &num_bounds) < 0)
+            goto done;
+        if (parse_boundary_model(bmodel_in, &a.shape, &p, bounds_in != Py_None, &bmodel) < 0)
             goto done;
     } else if (sel_args_parse(&s, offsets, starts, ends, block_size, &a.shape) < 0) {
         goto done;
@@ -908,6 +971,7 @@ static PyObject *py_sparse_attention(PyObject *self, PyObject *args, PyObject *k
         if (o) result = Py_BuildValue("NO", o, info);
     }
 done:
+    Py_XDECREF(bmodel);
     Py_XDECREF(out);
     Py_XDECREF(info);
     PyMem_Free(bounds);

@@ -92,13 +92,19 @@ int dhsa_predict_boundaries(int64_t *bounds, int64_t *num_bounds, const float *k
         int64_t kh0, heads;
         dhsa_rule_chunk_heads(s, p->granularity, cg, &kh0, &heads);
         const float *kg = k + (b * s->Hkv + kh0) * s->Lk * s->D;
+        /* a learned model brings its own threshold for the same scan */
+        const double *model = p->boundary_model
+                                  ? p->boundary_model + cg * dhsa_bmodel_len(heads * s->D)
+                                  : NULL;
+        dhsa_predict_params scan = *p;
+        if (model) scan.threshold = model[2 * heads * s->D + DHSA_BMODEL_THRESHOLD];
         double *score = dhsa_alloc((size_t)s->Lk * sizeof(double));
         int r = score ? dhsa_chunking_boundary_scores(score, kg, s->Lk, s->D, heads,
-                                                      s->Lk * s->D, p->boundary_window)
+                                                      s->Lk * s->D, p->boundary_window, model)
                       : DHSA_ENOMEM;
         if (r == DHSA_OK)
             r = dhsa_chunking_find_boundaries(bounds + g * (s->Lk + 1), num_bounds + g,
-                                              score, s->Lk, p);
+                                              score, s->Lk, &scan);
         free(score);
         if (r != DHSA_OK) {
 #pragma omp atomic write

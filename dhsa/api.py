@@ -146,7 +146,8 @@ def predict_selection(q: np.ndarray, k: np.ndarray, config: Optional[DHSAConfig]
                       causal: bool = True, scale: Optional[float] = None,
                       window: Optional[int] = None, boundaries: Boundaries = None,
                       return_scores: bool = False, softcap: Optional[float] = None,
-                      num_threads: Optional[int] = None) -> Selection:
+                      num_threads: Optional[int] = None,
+                      boundary_model: Optional[np.ndarray] = None) -> Selection:
     """The DHSA prediction alone: chunk the keys, score chunks per query
     block, and select each block's key ranges under the budget.
 
@@ -160,16 +161,33 @@ def predict_selection(q: np.ndarray, k: np.ndarray, config: Optional[DHSAConfig]
     (groups, blocks, chunks; NaN for chunks that start after the block's last
     allowed key; chunks inside the sink or local window are scored too, though
     always kept) - meant for inspection of short inputs.
+
+    ``boundary_model`` replaces the cosine boundary scores of dynamic chunking
+    by a learned linear score (fitted by ``python -m dhsa calibrate``, see
+    :meth:`dhsa.Calibration.boundary_model_for`): a float64 array of one row
+    per chunking group, ``2 * heads * D + 6`` long (heads = keys heads per
+    group: 1, or Hkv for ``granularity="layer"``); each row carries its own
+    scan threshold. It reads the same keys as the cosine, so the chunking
+    stays as causal.
     """
     config = _check_config(config)
+    _check_boundary_model(config, boundary_model)
     if config.method in _BASELINES:
         return _baseline_selection(q, k, config, causal=causal, scale=scale, softcap=softcap,
                                    window=window, num_threads=num_threads)
     # the core checks q and k (types, shapes, values): q is a valid array after it
     res = _core.predict(q, k, config, causal=bool(causal), scale=scale, window=window,
                         boundaries=boundaries, return_scores=bool(return_scores),
-                        num_threads=num_threads)
+                        num_threads=num_threads, boundary_model=boundary_model)
     return _selection(res, config, q.shape[0], q.shape[2])
+
+
+def _check_boundary_model(config: DHSAConfig, boundary_model) -> None:
+    """A boundary model belongs to DHSA's own dynamic chunking (the core
+    checks its shape and values)."""
+    if boundary_model is not None and config.method in _BASELINES:
+        raise ValueError(f"boundary_model feeds DHSA's chunking; config.method "
+                         f"{config.method!r} does not chunk the keys")
 
 
 def _baseline_selection(q, k, config: DHSAConfig, *, causal, scale, softcap, window,
@@ -198,22 +216,28 @@ def sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray,
                      scale: Optional[float] = None, softcap: Optional[float] = None,
                      window: Optional[int] = None, num_threads: Optional[int] = None,
                      return_info: bool = False, boundaries: Boundaries = None,
-                     selection: Optional[Selection] = None):
+                     selection: Optional[Selection] = None,
+                     boundary_model: Optional[np.ndarray] = None):
     """DHSA attention: predict each query block's keys, attend only to them.
 
     Same shapes, dtypes and options as :func:`dense_attention`. A
     ``selection`` (from :func:`predict_selection` or built by hand) skips the
     prediction. With ``return_info=True`` returns ``(out, AttentionInfo)``
     holding the chunk boundaries, the per-block ranges, the achieved density
-    (selected / allowed pairs) and the time of each stage.
+    (selected / allowed pairs) and the time of each stage. ``boundaries`` and
+    ``boundary_model`` are those of :func:`predict_selection`.
     """
     config = _check_config(config)
+    _check_boundary_model(config, boundary_model)
+    if selection is not None and boundary_model is not None:
+        raise TypeError("boundary_model feeds the prediction; a given selection skips it")
     opts = dict(causal=bool(causal), scale=scale, softcap=softcap, window=window,
                 num_threads=num_threads, return_info=bool(return_info))
     predict_seconds = 0.0
     if selection is None and config.method not in _BASELINES:
         # prediction and attention in one core call, q, k, v scanned once
-        res = _core.sparse_attention(q, k, v, config=config, boundaries=boundaries, **opts)
+        res = _core.sparse_attention(q, k, v, config=config, boundaries=boundaries,
+                                     boundary_model=boundary_model, **opts)
         if not return_info:
             return res
         out, d = res

@@ -9,6 +9,11 @@ is as high as a greedy allocation over measured recall curves finds
 (:func:`allocate`, the one home of that rule). It also names layers that
 stay exact.
 
+It can also hold a learned boundary model per layer and KV head
+(:mod:`dhsa.harness.boundaries`): a linear scorer of the keys around a
+position that replaces the cosine score of dynamic chunking, fitted to
+where the model's own attention changes.
+
 It is applied where the layer is known - by :func:`dhsa.patch`, given
 ``DHSAConfig(calibration=FILE)`` - as one density-mode config per KV head
 (:meth:`Calibration.config_for`). The file is small JSON, versioned and tied
@@ -27,10 +32,14 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Calibration", "FORMAT", "VERSION", "allocate", "load_calibration"]
+from .rules import bmodel_len
+
+__all__ = ["Calibration", "FORMAT", "READS", "VERSION", "allocate", "load_calibration"]
 
 FORMAT = "dhsa-calibration"
-VERSION = 1
+VERSION = 2
+#: versions this dhsa reads (1: budgets only; 2 adds learned boundaries)
+READS = (1, 2)
 
 
 def allocate(density: np.ndarray, recall: np.ndarray, target: float) -> np.ndarray:
@@ -83,7 +92,10 @@ class Calibration:
     scale that config's density, so use the calibration with it;
     ``target_density`` is the average achieved density the allocation kept
     (the uncalibrated config's); ``fit`` what the fit saw (text, length,
-    recall before and after)."""
+    recall before and after). ``boundary_models[i]`` holds the learned
+    boundary model rows of layer ``boundary_layers[i]``, one per KV head
+    (see :meth:`boundary_model_for`), fitted with ``boundary_window`` and
+    ``boundary_nms_radius`` (the scan's: its thresholds were chosen with it)."""
 
     model: str
     num_layers: int
@@ -96,6 +108,10 @@ class Calibration:
     dense_layers: Tuple[int, ...] = ()
     base: Tuple[Tuple[str, object], ...] = ()
     fit: Tuple[Tuple[str, object], ...] = field(default=(), compare=False)
+    boundary_window: Optional[int] = None
+    boundary_nms_radius: Optional[int] = None
+    boundary_layers: Tuple[int, ...] = ()
+    boundary_models: Tuple[Tuple[Tuple[float, ...], ...], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
@@ -128,6 +144,38 @@ class Calibration:
             if isinstance(li, bool) or not isinstance(li, int) or not 0 <= li < self.num_layers:
                 raise ValueError(f"calibration dense layer {li!r} is not in "
                                  f"[0, {self.num_layers})")
+        self._check_boundaries()
+
+    def _check_boundaries(self) -> None:
+        if not self.boundary_layers and not self.boundary_models:
+            return
+        w = self.boundary_window
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"calibration boundary window must be a positive int, got {w!r}")
+        r = self.boundary_nms_radius
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"calibration boundary nms_radius must be an int >= 0, got {r!r}")
+        if len(self.boundary_layers) != len(self.boundary_models):
+            raise ValueError(f"calibration has {len(self.boundary_layers)} boundary layers but "
+                             f"{len(self.boundary_models)} boundary models")
+        if len(set(self.boundary_layers)) != len(self.boundary_layers):
+            raise ValueError("calibration boundary layers repeat")
+        n = bmodel_len(self.head_dim)
+        for li, rows in zip(self.boundary_layers, self.boundary_models):
+            if isinstance(li, bool) or not isinstance(li, int) or not 0 <= li < self.num_layers:
+                raise ValueError(f"calibration boundary layer {li!r} is not in "
+                                 f"[0, {self.num_layers})")
+            if len(rows) != self.num_kv_heads:
+                raise ValueError(f"calibration layer {li} has {len(rows)} boundary models, the "
+                                 f"model has {self.num_kv_heads} KV heads")
+            for row in rows:
+                if len(row) != n:
+                    raise ValueError(f"calibration layer {li}: a boundary model has {len(row)} "
+                                     f"values, head_dim {self.head_dim} needs {n}")
+                if not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                           and math.isfinite(x) for x in row):
+                    raise ValueError(f"calibration layer {li}: boundary models must hold "
+                                     "finite numbers")
 
     # -- applying it ------------------------------------------------------------------
     def scales_of(self, layer: Optional[int]) -> Optional[Tuple[float, ...]]:
@@ -139,13 +187,46 @@ class Calibration:
     def config_for(self, config, layer: Optional[int], kv_head: Optional[int] = None):
         """The plain DHSAConfig (no calibration) of one KV head of a layer, or
         of the whole layer (``kv_head=None``: the mean multiplier, for the
-        "layer" granularity): density x multiplier, at most 1."""
+        "layer" granularity): density x multiplier, at most 1; where the layer
+        has learned boundaries, also the ``boundary_window`` they read and the
+        ``nms_radius`` their thresholds were chosen with."""
         cfg = config.replace(calibration=None) if config.calibration is not None else config
+        if layer is not None and layer in self.boundary_layers and \
+                (cfg.boundary_window, cfg.nms_radius) != (self.boundary_window,
+                                                          self.boundary_nms_radius):
+            cfg = cfg.replace(boundary_window=self.boundary_window,
+                              nms_radius=self.boundary_nms_radius)
         row = self.scales_of(layer)
         if row is None:
             return cfg
         s = float(np.mean(row)) if kv_head is None else float(row[kv_head])
         return cfg.replace(density=min(1.0, cfg.density * s))
+
+    def boundary_model_for(self, layer: Optional[int],
+                           kv_head: Optional[int] = None) -> Optional[np.ndarray]:
+        """The learned boundary model of a layer for ``predict_selection`` /
+        ``sparse_attention(boundary_model=...)``: (num_kv_heads, 2 D + 6)
+        float64, or the one row (1, 2 D + 6) of ``kv_head``; None where the
+        layer has none (it keeps the cosine scores)."""
+        if layer is None or layer not in self.boundary_layers:
+            return None
+        rows = np.asarray(self.boundary_models[self.boundary_layers.index(layer)],
+                          dtype=np.float64)
+        return rows if kv_head is None else rows[kv_head:kv_head + 1].copy()
+
+    def check_config(self, config) -> None:
+        """ValueError where ``config`` cannot use this calibration's learned
+        boundaries: they score dynamic chunks of one KV head with the feature
+        window they were fitted with (which :meth:`config_for` sets)."""
+        if not self.boundary_layers:
+            return
+        where = f"the calibration for {self.model!r} holds learned boundaries"
+        if config.chunking != "dynamic":
+            raise ValueError(f"{where}; they need chunking='dynamic', the config has "
+                             f"{config.chunking!r}")
+        if config.granularity == "layer":
+            raise ValueError(f"{where} per KV head; granularity='layer' chunks all KV heads "
+                             "together (use 'kv_head' or 'query_head')")
 
     def check_shape(self, num_heads: int, num_kv_heads: int, head_dim: int,
                     layer: Optional[int] = None) -> None:
@@ -168,7 +249,11 @@ class Calibration:
                 "target_density": self.target_density,
                 "budgets": {str(li): list(row) for li, row in zip(self.layers, self.scales)},
                 "dense_layers": list(self.dense_layers), "base": dict(self.base),
-                "fit": dict(self.fit)}
+                "fit": dict(self.fit),
+                "boundaries": {"window": self.boundary_window,
+                               "nms_radius": self.boundary_nms_radius,
+                               "models": {str(li): [list(r) for r in rows] for li, rows in
+                                          zip(self.boundary_layers, self.boundary_models)}}}
 
     def save(self, path) -> None:
         with open(path, "w") as f:
@@ -182,16 +267,27 @@ class Calibration:
         if d.get("format") != FORMAT:
             raise ValueError(f"{where}: not a dhsa calibration (format {d.get('format')!r}, "
                              f"expected {FORMAT!r})")
-        if d.get("version") != VERSION:
+        if d.get("version") not in READS:
             raise ValueError(f"{where}: calibration version {d.get('version')!r} is not "
-                             f"supported (this dhsa reads version {VERSION})")
+                             f"supported (this dhsa reads versions "
+                             f"{', '.join(map(str, READS))})")
         try:
             shape = d["shape"]
             budgets = d["budgets"]
             layers = tuple(int(k) for k in budgets)
             order = sorted(range(len(layers)), key=layers.__getitem__)
             rows = list(budgets.values())
-            return cls(model=str(d["model"]), num_layers=shape["num_layers"],
+            bd = d.get("boundaries") or {}
+            models = bd.get("models") or {}
+            blayers = tuple(int(k) for k in models)
+            border = sorted(range(len(blayers)), key=blayers.__getitem__)
+            brows = list(models.values())
+            return cls(
+                       boundary_window=bd.get("window") if models else None,
+                       boundary_nms_radius=bd.get("nms_radius") if models else None,
+                       boundary_layers=tuple(blayers[i] for i in border),
+                       boundary_models=tuple(tuple(tuple(r) for r in brows[i]) for i in border),
+model=str(d["model"]), num_layers=shape["num_layers"],
                        num_heads=shape["num_heads"], num_kv_heads=shape["num_kv_heads"],
                        head_dim=shape["head_dim"], target_density=d["target_density"],
                        layers=tuple(layers[i] for i in order),
@@ -221,10 +317,15 @@ def load_calibration(path) -> Calibration:
 
 def from_curves(model: str, shape: Mapping[str, int], target: float,
                 curves: Mapping[int, Tuple[np.ndarray, np.ndarray, Sequence[float]]],
-                base: Mapping, fit: Mapping, dense_layers: Sequence[int] = ()) -> Calibration:
+                base: Mapping, fit: Mapping, dense_layers: Sequence[int] = (),
+                boundaries: Optional[Mapping[int, np.ndarray]] = None,
+                boundary_window: Optional[int] = None,
+                boundary_nms_radius: Optional[int] = None) -> Calibration:
     """The calibration whose multipliers :func:`allocate` picks from measured
     curves: layer -> (density (Hkv, steps), recall (Hkv, steps), multipliers
-    (steps,)) of the same budget steps."""
+    (steps,)) of the same budget steps; ``boundaries``: layer -> learned
+    boundary models (Hkv, 2 D + 6) fitted with ``boundary_window`` and
+    ``boundary_nms_radius``, if any."""
     layers = sorted(curves)
     dens = np.concatenate([np.asarray(curves[li][0]) for li in layers])
     rec = np.concatenate([np.asarray(curves[li][1]) for li in layers])
@@ -244,4 +345,10 @@ def from_curves(model: str, shape: Mapping[str, int], target: float,
                        num_kv_heads=int(shape["num_kv_heads"]), head_dim=int(shape["head_dim"]),
                        target_density=float(target), layers=tuple(layers),
                        scales=tuple(scales), dense_layers=tuple(dense_layers),
-                       base=tuple(sorted(dict(base).items())), fit=tuple(sorted(fit.items())))
+                       base=tuple(sorted(dict(base).items())), fit=tuple(sorted(fit.items())),
+                       boundary_window=boundary_window if boundaries else None,
+                       boundary_nms_radius=boundary_nms_radius if boundaries else None,
+                       boundary_layers=tuple(sorted(boundaries or {})),
+                       boundary_models=tuple(
+                           tuple(tuple(float(x) for x in row) for row in np.asarray(boundaries[li]))
+                           for li in sorted(boundaries or {})))

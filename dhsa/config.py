@@ -97,7 +97,10 @@ class DHSAConfig:
     fitted from the model's own attention, and layers kept exact. It needs
     ``budget_mode="density"`` and applies where the layer is known:
     :func:`dhsa.patch` runs each KV head of a layer at its own density
-    (``Calibration.config_for``); the NumPy functions refuse a config that
+    (``Calibration.config_for``) and, where the file holds learned boundary
+    models, chunks each KV head with its own (``Calibration.boundary_model_for``;
+    they need dynamic chunking, a per-head granularity and the
+    ``boundary_window`` they were fitted with); the NumPy functions refuse a config that
     carries one (they do not know the layer).
 
     This class is the one place where the meaning of the options is checked
@@ -187,6 +190,8 @@ class DHSAConfig:
             raise ValueError(
                 f"DHSAConfig.local ({self.local}) must be >= boundary_window + nms_radius "
                 f"({self.lookahead}) so that no key after a query decides its selection")
+        if self.calibration is not None:
+            self.calibration.check_config(self)  # learned boundaries fit this chunking
 
     @property
     def lookahead(self) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 from .config import BUDGET_MODES, GRANULARITIES  # noqa: F401  (the names of the options)
 # the rules (visibility, block geometry, clamp, softmax, head mapping) live in
 # dhsa.rules; this module states the algorithm with them
-from .rules import (block_geometry, budget_clamp, chunk_groups, expand_kv,
+from .rules import (BMODEL_TAIL, block_geometry, budget_clamp, chunk_groups, expand_kv,
                     forced_ranges, group_heads, in_dense_tail, masked_softmax_weights,
                     selection_groups, selection_mask, softcap_logits, visible_mask, visible_rows)
 
@@ -25,6 +25,8 @@ __all__ = [
     "dense_attention",
     "attention_with_selection",
     "boundary_scores",
+    "boundary_features",
+    "learned_boundary_scores",
     "find_boundaries",
     "prefix_sums",
     "predict",
@@ -73,6 +75,49 @@ def attention_with_selection(q, k, v, offsets, starts, ends, block_size: int,
 
 
 # ---- chunking -------------------------------------------------------------
+
+def boundary_features(k_heads: np.ndarray, window: int) -> np.ndarray:
+    """features (Lk, 2 W + 4) of one chunking group, k_heads (nheads, Lk, D),
+    W = nheads * D: with a = mL - mu and b = mR - mu (as in
+    :func:`boundary_scores`), row t holds (a - b)**2 and a * b per dimension,
+    then 1 - cos(a, b) (0 where a vector is zero), |a - b|, |a| and |b|. Row 0
+    is zero. A learned boundary model weighs them linearly."""
+    k_heads = np.asarray(k_heads, dtype=np.float64)
+    nh, Lk, D = k_heads.shape
+    W = nh * D
+    window = min(window, Lk)
+    x = k_heads.transpose(1, 0, 2).reshape(Lk, W)
+    P = np.zeros((Lk + 1, W))
+    P[1:] = np.cumsum(x, axis=0)
+    t = np.arange(1, Lk)
+    wl = np.minimum(window, t)[:, None]
+    wr = np.minimum(window, Lk - t)[:, None]
+    mu = P[1:Lk] / t[:, None]
+    a = (P[t] - P[t - wl[:, 0]]) / wl - mu
+    b = (P[t + wr[:, 0]] - P[t]) / wr - mu
+    nl, nr = np.sqrt((a * a).sum(1)), np.sqrt((b * b).sum(1))
+    ok = (nl > 0) & (nr > 0)
+    cosd = np.where(ok, 1.0 - (a * b).sum(1) / np.where(ok, nl * nr, 1.0), 0.0)
+    F = np.zeros((Lk, 2 * W + 4))
+    F[1:, :W] = (a - b) ** 2
+    F[1:, W:2 * W] = a * b
+    F[1:, 2 * W] = cosd
+    F[1:, 2 * W + 1] = np.sqrt(((a - b) ** 2).sum(1))
+    F[1:, 2 * W + 2] = nl
+    F[1:, 2 * W + 3] = nr
+    return F
+
+
+def learned_boundary_scores(k_heads: np.ndarray, window: int, model: np.ndarray) -> np.ndarray:
+    """score (Lk,) = features . weights + bias (score[0] = 0) for one model row
+    of ``2 W + 6`` values (see :func:`boundary_features`; the last value, the
+    threshold, belongs to the scan)."""
+    F = boundary_features(k_heads, window)
+    model = np.asarray(model, dtype=np.float64)
+    score = F @ model[:F.shape[1]] + model[F.shape[1]]
+    score[0] = 0.0
+    return score
+
 
 def boundary_scores(k_heads: np.ndarray, window: int) -> np.ndarray:
     """score (Lk,) of one chunking group, k_heads (nheads, Lk, D).
@@ -250,7 +295,7 @@ def predict(q, k, *, block_size: int = 64, sink: int = 64, local: int = 256,
             mass: float = 0.95, min_budget: int = 512, max_budget: int = 4096,
             granularity: str = "kv_head", boundary_window: int = 16,
             threshold: float = 0.2, min_len: int = 4, max_len: int = 16,
-            nms_radius: int = 4, max_chunks: int = 0, bounds=None,
+            nms_radius: int = 4, max_chunks: int = 0, bounds=None, boundary_model=None,
             causal: bool = True, scale: Optional[float] = None,
             window: Optional[int] = None, key_norm: float = 0.5,
             dense_tail: int = 0, chunk_score: str = "mean") -> dict:
@@ -258,6 +303,8 @@ def predict(q, k, *, block_size: int = 64, sink: int = 64, local: int = 256,
 
     Returns a dict with ``bounds`` (list of arrays, one per chunking group),
     ``offsets``, ``starts``, ``ends`` (CSR over (B, G, NQB)).
+    ``boundary_model`` (CG, 2 W + 6): learned boundary scores and per-row
+    thresholds instead of the cosine scores and ``threshold``.
     """
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
@@ -271,8 +318,13 @@ def predict(q, k, *, block_size: int = 64, sink: int = 64, local: int = 256,
         for b in range(B):
             for cg in range(CG):
                 kh = k[b] if granularity == "layer" else k[b, cg:cg + 1]
-                sc = boundary_scores(kh, boundary_window)
-                bounds.append(find_boundaries(sc, threshold, min_len, max_len, nms_radius,
+                th = threshold
+                if boundary_model is None:
+                    sc = boundary_scores(kh, boundary_window)
+                else:
+                    row = np.asarray(boundary_model, dtype=np.float64)[cg]
+                    sc, th = learned_boundary_scores(kh, boundary_window, row), float(row[-1])
+                bounds.append(find_boundaries(sc, th, min_len, max_len, nms_radius,
                                               max_chunks))
     cfg = dict(sink=sink, local=local, mode=mode, budget=budget, density=density, mass=mass,
                min_budget=min_budget, max_budget=max_budget, key_norm=key_norm,

@@ -205,6 +205,17 @@ def selection_groups(granularity: str, H: int, Hkv: int) -> int:
     return {"layer": 1, "kv_head": Hkv, "query_head": H}[granularity]
 
 
+#: a learned boundary model row past its 2 W feature weights (W = heads * D of a
+#: chunking group): the weights of 1 - cos, |a - b|, |a|, |b|, the bias, the threshold
+#: (csrc/dhsa.h: DHSA_BMODEL_TAIL, dhsa_bmodel_len)
+BMODEL_TAIL = 6
+
+
+def bmodel_len(width: int) -> int:
+    """Values in a boundary model row for W = heads * D key values per position."""
+    return 2 * width + BMODEL_TAIL
+
+
 def chunk_groups(granularity: str, Hkv: int) -> int:
     """Chunking groups per batch item: one for the layer, else one per KV head."""
     return 1 if granularity == "layer" else Hkv

@@ -41,6 +41,12 @@ def test_demo_budget_below_the_forced_keys_is_an_argparse_error(tmp_path):
     (["calibrate", "--out", "x.json", "--length", "-5"], "argument --length: must be a positive"),
     (["calibrate", "--out", "x.json", "--variant", "dense"], "argument --variant: invalid choice"),
     (["calibrate", "--out", "x.json", "--text", "/no/such/file.txt"], "argument --text: no such file"),
+    (["calibrate", "--out", "x.json", "--variant", "block_topk", "--boundaries"],
+     "argument --boundaries: block_topk has no dynamic chunks"),
+    (["calibrate", "--out", "x.json", "--boundary-window", "0"],
+     "argument --boundary-window: must be a positive"),
+    (["calibrate", "--out", "x.json", "--boundary-nms-radius", "-1"],
+     "argument --boundary-nms-radius: must be >= 0"),
     (["recall", "--threads", "-2"], "argument --threads: must be a positive number"),
 ])
 def test_invalid_options_end_in_argparse_errors(argv, message, capsys):

@@ -89,6 +89,7 @@ class _Plan:
     window: Optional[int]
     threads: Optional[int]
     head_configs: Optional[Tuple[DHSAConfig, ...]] = None  # per KV head (a calibration)
+    boundary_model: Optional[np.ndarray] = None  # (Hkv, 2 D + 6): learned boundaries
 
 
 def _fits(cfg: DHSAConfig, nk: int, window: Optional[int]) -> bool:
@@ -106,9 +107,9 @@ def _sparse(plan: _Plan, stats: CallStats, qi, ki, vi, win, weight) -> np.ndarra
     one call per KV head and its query heads."""
     kw = dict(causal=True, scale=plan.scale, softcap=plan.softcap, window=win,
               num_threads=plan.threads, return_info=True)
-    heads = plan.head_configs
+    heads, bm = plan.head_configs, plan.boundary_model
     if heads is None or len(set(heads)) == 1:
-        o, info = sparse_attention(qi, ki, vi, plan.config, **kw)
+        o, info = sparse_attention(qi, ki, vi, plan.config, boundary_model=bm, **kw)
         stats.sparse(weight, info)
         return o
     H, Hkv = qi.shape[1], ki.shape[1]
@@ -117,7 +118,8 @@ def _sparse(plan: _Plan, stats: CallStats, qi, ki, vi, win, weight) -> np.ndarra
         qh = query_heads_of(g, H, Hkv)
         o, info = sparse_attention(np.ascontiguousarray(qi[:, qh]),
                                    np.ascontiguousarray(ki[:, g:g + 1]),
-                                   np.ascontiguousarray(vi[:, g:g + 1]), cfg, **kw)
+                                   np.ascontiguousarray(vi[:, g:g + 1]), cfg,
+                                   boundary_model=None if bm is None else bm[g:g + 1], **kw)
         out[:, qh] = o
         stats.sparse(weight / Hkv, info)
     return out
@@ -171,18 +173,19 @@ def dhsa_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     cfg, forced_dense = handle.config_for(layer, name)
-    heads = None
+    heads = bmodel = None
     cal = cfg.calibration
-    if cal is not None:  # budgets per layer and KV head, checked against this call
+    if cal is not None:  # budgets (and boundaries) per layer and KV head, checked here
         cal.check_shape(H, Hkv, D, layer)
         forced_dense = forced_dense or (layer is not None and layer in cal.dense_layers)
         heads = _head_configs(cfg, layer, Hkv)
+        bmodel = cal.boundary_model_for(layer)
         cfg = heads[0]
     plan = _Plan(cfg, forced_dense, handle.dense_when_fits, handle.sparse_sliding, causal,
                  float(scaling) if scaling is not None else 1.0 / math.sqrt(D),
                  float(softcap) if softcap is not None and float(softcap) > 0 else None,
                  int(sliding_window) if sliding_window is not None and int(sliding_window) > 0
-                 else None, handle.num_threads, heads)
+                 else None, handle.num_threads, heads, bmodel)
     spans, padded, how = key_spans(attention_mask, key, value, Lq, causal, plan.window)
 
     def record(path, density, predict, attention, padded, reason, selection=None):

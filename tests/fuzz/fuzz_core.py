@@ -6,7 +6,8 @@ Bytes are decoded into one call of ``_core.dense_attention``,
 offsets / starts / ends of random ints, dtypes and shapes; or with a config,
 predicting in the same call), ``_core.predict`` (a config whose every field is
 an arbitrary int, float or name, huge, negative, NaN, unknown, missing or not
-a number at all; caller boundaries valid, mutated or random) or
+a number at all; caller boundaries valid, mutated or random; a learned
+boundary model of the right or a wrong shape, dtype or values) or
 ``_core.count_pairs``.
 A call may raise ValueError, TypeError or MemoryError and nothing else; when
 it succeeds its result must be well formed (shape, dtype, finite values,
@@ -314,6 +315,9 @@ def call_sparse(src, rng):
         bounds = predict_bounds(src, kw["config"], B, Hkv, Lk)
         if bounds is not None:
             kw["boundaries"] = bounds
+        bm = predict_bmodel(src, rng, kw["config"], Hkv, D)
+        if bm is not None:
+            kw["boundary_model"] = bm
     else:
         (offsets, starts, ends), bs = selection_args(src, B, H, Hkv, Lq, Lk)
         kw.update(offsets=offsets, starts=starts, ends=ends, block_size=bs)
@@ -380,6 +384,25 @@ def predict_bounds(src, cfg, B, Hkv, Lk):
     return rows
 
 
+def predict_bmodel(src, rng, cfg, Hkv, D):
+    """None, or a learned boundary model: mostly the right shape (one row per
+    chunk group), sometimes wrong shapes, dtypes, values or types."""
+    if not src.chance(0.25):
+        return None
+    layer = getattr(cfg, "granularity", None) == "layer"
+    rows, heads = (1, Hkv) if layer else (Hkv, 1)
+    m = rng.standard_normal((rows, 2 * heads * D + 6))
+    if src.chance(src.wild * 5):
+        m.flat[src.below(m.size)] = src.pick([np.nan, np.inf, -np.inf, 1e308])
+    if src.chance(src.wild * 3):
+        with np.errstate(invalid="ignore"):  # NaN into int64 is one of the wrong inputs
+            return src.pick([m[:, :-1], m[:1] if rows > 1 else np.vstack([m, m]), m[0],
+                             m.astype(np.float32), m.astype(np.int64), m.T, "model", 3,
+                             [None], np.ascontiguousarray(m)[:, ::2],
+                             m.astype(np.complex128)])
+    return m
+
+
 def call_predict(src, rng):
     shape = base_shape(src)
     q, k, _ = qkv(src, rng, shape, need_v=False)
@@ -390,6 +413,9 @@ def call_predict(src, rng):
     bounds = predict_bounds(src, cfg, B, Hkv, Lk)
     if bounds is not None:
         kw["boundaries"] = bounds
+    bm = predict_bmodel(src, rng, cfg, Hkv, D)
+    if bm is not None:
+        kw["boundary_model"] = bm
     if src.chance(0.3):
         kw["return_scores"] = src.pick([True, False, 1, None])
     return "predict", _core.predict, (q, k, cfg), kw
