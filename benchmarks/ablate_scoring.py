@@ -154,8 +154,7 @@ def main(argv=None):
                 t = time.perf_counter()
                 if n in LEARNED:  # the file's boundaries, uniform budgets
                     bm = cal.boundary_model_for(li)
-                    lcfg = cfg.replace(boundary_window=cal.boundary_window) if bm is not None \
-                        else cfg
+                    lcfg = cal.chunking_for(cfg, li)
                     t = time.perf_counter()
                     sel = dhsa.predict_selection(q, k, lcfg, scale=scale, softcap=softcap,
                                                  boundary_model=bm)

@@ -190,12 +190,7 @@ class Calibration:
         "layer" granularity): density x multiplier, at most 1; where the layer
         has learned boundaries, also the ``boundary_window`` they read and the
         ``nms_radius`` their thresholds were chosen with."""
-        cfg = config.replace(calibration=None) if config.calibration is not None else config
-        if layer is not None and layer in self.boundary_layers and \
-                (cfg.boundary_window, cfg.nms_radius) != (self.boundary_window,
-                                                          self.boundary_nms_radius):
-            cfg = cfg.replace(boundary_window=self.boundary_window,
-                              nms_radius=self.boundary_nms_radius)
+        cfg = self.chunking_for(config, layer)
         row = self.scales_of(layer)
         if row is None:
             return cfg
@@ -227,6 +222,18 @@ class Calibration:
         if config.granularity == "layer":
             raise ValueError(f"{where} per KV head; granularity='layer' chunks all KV heads "
                              "together (use 'kv_head' or 'query_head')")
+
+    def chunking_for(self, config, layer: Optional[int]):
+        """``config`` without a calibration and, where the layer has learned
+        boundaries, with the ``boundary_window`` and ``nms_radius`` they were
+        fitted with (the budgets as given: :meth:`config_for` adds those)."""
+        cfg = config.replace(calibration=None) if config.calibration is not None else config
+        if layer is not None and layer in self.boundary_layers and \
+                (cfg.boundary_window, cfg.nms_radius) != (self.boundary_window,
+                                                          self.boundary_nms_radius):
+            cfg = cfg.replace(boundary_window=self.boundary_window,
+                              nms_radius=self.boundary_nms_radius)
+        return cfg
 
     def check_shape(self, num_heads: int, num_kv_heads: int, head_dim: int,
                     layer: Optional[int] = None) -> None:

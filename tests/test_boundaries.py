@@ -296,6 +296,9 @@ def test_config_rules_for_learned_boundaries():
     assert cal.config_for(cfg, 0, 0).nms_radius == 1          # the scan they were tuned with
     assert cal.config_for(cfg, 1, 0).boundary_window == 8     # no models in layer 1
     assert cal.config_for(cfg, 1, 0).nms_radius == 8
+    only = cal.chunking_for(cfg, 0)                           # the chunking, budgets as given
+    assert (only.boundary_window, only.nms_radius, only.density) == (4, 1, 0.25)
+    assert only.calibration is None and cal.chunking_for(cfg, 1) == base
     with pytest.raises(ValueError, match="chunking='dynamic'"):
         base.replace(chunking="fixed", calibration=cal)
     with pytest.raises(ValueError, match="granularity='layer'"):
