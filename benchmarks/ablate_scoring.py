@@ -140,7 +140,7 @@ def main(argv=None):
         for d in args.densities:
             for n in args.rows:
                 method, changes = ROWS[n]
-                bounds = None
+                bounds = bmodel = None
                 if n in ADAPTIVE:
                     cfg = adaptive_config(q, k, d, scale, softcap)
                     meta[(d, n)].setdefault("mass", []).append(cfg.mass)
@@ -151,19 +151,10 @@ def main(argv=None):
                         q0, k0 = cap[min(cap)][0], cap[min(cap)][1]
                         layer0[d] = dhsa.predict_selection(q0, k0, cfg).boundaries
                     bounds = layer0[d]
-                t = time.perf_counter()
                 if n in LEARNED:  # the file's boundaries, uniform budgets
-                    bm = cal.boundary_model_for(li)
-                    lcfg = cal.chunking_for(cfg, li)
-                    t = time.perf_counter()
-                    sel = dhsa.predict_selection(q, k, lcfg, scale=scale, softcap=softcap,
-                                                 boundary_model=bm)
-                    meta[(d, n)]["predict_s"].append(time.perf_counter() - t)
-                    recall[(d, n)].append(float(recall_from_probabilities(P, sel).mean()))
-                    meta[(d, n)]["density"].append(sel.density)
-                    meta[(d, n)]["ranges"].append(
-                        len(sel.starts) / max(1, sel.groups * sel.num_blocks))
-                    continue
+                    bmodel = cal.boundary_model_for(li)
+                    cfg = cal.chunking_for(cfg, li)
+                t = time.perf_counter()
                 if n in CALIBRATED:  # one selection per KV head, each at its own density
                     H, Hkv = q.shape[1], k.shape[1]
                     got, sel_pairs, all_pairs, spent = [], 0, 0, 0.0
@@ -185,7 +176,7 @@ def main(argv=None):
                     meta[(d, n)]["ranges"].append(float("nan"))
                     continue
                 sel = dhsa.predict_selection(q, k, cfg, scale=scale, softcap=softcap,
-                                             boundaries=bounds)
+                                             boundaries=bounds, boundary_model=bmodel)
                 meta[(d, n)]["predict_s"].append(time.perf_counter() - t)
                 recall[(d, n)].append(float(recall_from_probabilities(P, sel).mean()))
                 meta[(d, n)]["density"].append(sel.density)

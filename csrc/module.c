@@ -730,10 +730,12 @@ static int parse_boundary_model(PyObject *obj, const dhsa_attn_shape *s, dhsa_pr
     dhsa_rule_chunk_heads(s, p->granularity, 0, &kh0, &heads);
     const int64_t len = dhsa_bmodel_len(heads * s->D);
     if (PyArray_NDIM(a) != 2 || PyArray_DIM(a, 0) != cg || PyArray_DIM(a, 1) != len) {
+        PyObject *got = PyObject_GetAttrString((PyObject *)a, "shape");
         PyErr_Format(PyExc_ValueError,
                      "boundary_model must have shape (%lld, %lld) (chunk groups, 2 * %lld * "
-                     "head_dim + %d), got %s", (long long)cg, (long long)len, (long long)heads,
-                     (int)DHSA_BMODEL_TAIL, PyArray_NDIM(a) == 2 ? "another shape" : "another rank");
+                     "head_dim + %d), got %R", (long long)cg, (long long)len, (long long)heads,
+                     (int)DHSA_BMODEL_TAIL, got ? got : Py_None);
+        Py_XDECREF(got);
         Py_DECREF(a);
         return -1;
     }

@@ -76,33 +76,47 @@ def attention_with_selection(q, k, v, offsets, starts, ends, block_size: int,
 
 # ---- chunking -------------------------------------------------------------
 
+def _window_means(k_heads: np.ndarray, window: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(a, b), each (Lk - 1, W) for t = 1 .. Lk-1 of one chunking group
+    (k_heads (nheads, Lk, D), heads concatenated: W = nheads * D): the mean
+    keys of the (at most) ``window`` positions left / right of t, each minus
+    the mean of keys [0, t)."""
+    k_heads = np.asarray(k_heads, dtype=np.float64)
+    nh, Lk, D = k_heads.shape
+    window = min(window, Lk)
+    x = k_heads.transpose(1, 0, 2).reshape(Lk, nh * D)
+    P = np.zeros((Lk + 1, nh * D))
+    P[1:] = np.cumsum(x, axis=0)
+    t = np.arange(1, Lk)
+    wl = np.minimum(window, t)
+    wr = np.minimum(window, Lk - t)
+    mu = P[1:Lk] / t[:, None]
+    a = (P[t] - P[t - wl]) / wl[:, None] - mu
+    b = (P[t + wr] - P[t]) / wr[:, None] - mu
+    return a, b
+
+
+def _cosine_distance(a: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(1 - cos(a, b) per row, 0 where a vector is zero; |a|; |b|)."""
+    nl, nr = np.sqrt((a * a).sum(1)), np.sqrt((b * b).sum(1))
+    ok = (nl > 0) & (nr > 0)
+    return np.where(ok, 1.0 - (a * b).sum(1) / np.where(ok, nl * nr, 1.0), 0.0), nl, nr
+
+
 def boundary_features(k_heads: np.ndarray, window: int) -> np.ndarray:
     """features (Lk, 2 W + 4) of one chunking group, k_heads (nheads, Lk, D),
     W = nheads * D: with a = mL - mu and b = mR - mu (as in
     :func:`boundary_scores`), row t holds (a - b)**2 and a * b per dimension,
     then 1 - cos(a, b) (0 where a vector is zero), |a - b|, |a| and |b|. Row 0
     is zero. A learned boundary model weighs them linearly."""
-    k_heads = np.asarray(k_heads, dtype=np.float64)
-    nh, Lk, D = k_heads.shape
-    W = nh * D
-    window = min(window, Lk)
-    x = k_heads.transpose(1, 0, 2).reshape(Lk, W)
-    P = np.zeros((Lk + 1, W))
-    P[1:] = np.cumsum(x, axis=0)
-    t = np.arange(1, Lk)
-    wl = np.minimum(window, t)[:, None]
-    wr = np.minimum(window, Lk - t)[:, None]
-    mu = P[1:Lk] / t[:, None]
-    a = (P[t] - P[t - wl[:, 0]]) / wl - mu
-    b = (P[t + wr[:, 0]] - P[t]) / wr - mu
-    nl, nr = np.sqrt((a * a).sum(1)), np.sqrt((b * b).sum(1))
-    ok = (nl > 0) & (nr > 0)
-    cosd = np.where(ok, 1.0 - (a * b).sum(1) / np.where(ok, nl * nr, 1.0), 0.0)
-    F = np.zeros((Lk, 2 * W + 4))
+    a, b = _window_means(k_heads, window)
+    W = a.shape[1]
+    cosd, nl, nr = _cosine_distance(a, b)
+    F = np.zeros((a.shape[0] + 1, 2 * W + 4))
     F[1:, :W] = (a - b) ** 2
     F[1:, W:2 * W] = a * b
     F[1:, 2 * W] = cosd
-    F[1:, 2 * W + 1] = np.sqrt(((a - b) ** 2).sum(1))
+    F[1:, 2 * W + 1] = np.sqrt(F[1:, :W].sum(1))
     F[1:, 2 * W + 2] = nl
     F[1:, 2 * W + 3] = nr
     return F
@@ -126,21 +140,8 @@ def boundary_scores(k_heads: np.ndarray, window: int) -> np.ndarray:
     most) ``window`` positions left / right of t, mu the mean of keys [0, t),
     heads concatenated; 0 at t = 0 and where a vector is zero.
     """
-    k_heads = np.asarray(k_heads, dtype=np.float64)
-    nh, Lk, D = k_heads.shape
-    window = min(window, Lk)
-    x = k_heads.transpose(1, 0, 2).reshape(Lk, nh * D)
-    P = np.zeros((Lk + 1, nh * D))
-    P[1:] = np.cumsum(x, axis=0)
-    score = np.zeros(Lk)
-    for t in range(1, Lk):
-        wl, wr = min(window, t), min(window, Lk - t)
-        mu = P[t] / t
-        a = (P[t] - P[t - wl]) / wl - mu
-        b = (P[t + wr] - P[t]) / wr - mu
-        nl, nr = float(a @ a), float(b @ b)
-        score[t] = 1.0 - float(a @ b) / (math.sqrt(nl) * math.sqrt(nr)) if nl > 0 and nr > 0 else 0.0
-    return score
+    a, b = _window_means(k_heads, window)
+    return np.concatenate([[0.0], _cosine_distance(a, b)[0]])
 
 
 def find_boundaries(score: np.ndarray, threshold: float, min_len: int, max_len: int,

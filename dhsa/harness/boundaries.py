@@ -30,8 +30,10 @@ from typing import Optional
 import numpy as np
 
 from .. import reference
+from ..analysis import recall_from_probabilities
+from ..api import predict_selection
 from ..config import DHSAConfig
-from ..rules import query_heads_of
+from ..rules import masked_softmax, query_heads_of, softcap_logits, visible_rows
 
 __all__ = ["boundary_labels", "choose_thresholds", "fit_boundary_model", "RIDGE",
            "THRESHOLD_QUANTILES"]
@@ -69,13 +71,9 @@ def boundary_labels(q: np.ndarray, k: np.ndarray, window: int, *, scale: Optiona
             for i0 in range(0, L, block):
                 i1 = min(L, i0 + block)
                 rows = np.arange(i0, i1)
-                s = (q[h, i0:i1].astype(np.float64) @ kg.T) * scale
-                if softcap:
-                    s = softcap * np.tanh(s / softcap)
-                s[np.arange(L)[None, :] > rows[:, None]] = -np.inf
-                s -= s.max(axis=1, keepdims=True)
-                p = np.exp(s)
-                p /= p.sum(axis=1, keepdims=True)
+                s = softcap_logits((q[h, i0:i1].astype(np.float64) @ kg.T) * scale,
+                                   softcap or None)
+                p = masked_softmax(s, visible_rows(L, L, i0, i1))
                 C = np.zeros((i1 - i0, L + 1))
                 np.cumsum(p, axis=1, out=C[:, 1:])
                 a = C[:, t] - C[:, t - w]
@@ -148,8 +146,6 @@ def choose_thresholds(q: np.ndarray, k: np.ndarray, P: np.ndarray, config: DHSAC
     query heads (P: their dense probabilities, (H, L, L), as
     :func:`dhsa.analysis.dense_probabilities` gives). Ties go to the lower
     quantile. Deterministic."""
-    from ..analysis import recall_from_probabilities
-    from ..api import predict_selection
     models = np.array(models, dtype=np.float64)
     Hkv = models.shape[0]
     scores = [reference.learned_boundary_scores(k[0, g:g + 1], config.boundary_window,

@@ -79,8 +79,7 @@ def fit_calibration(model, input_ids, config: DHSAConfig, *, name: str = "model"
     :func:`~dhsa.harness.boundaries.choose_thresholds`), then measures the budget curves on
     the chunks it cuts; the target stays the uncalibrated config's density
     (cosine boundaries, uniform budgets)."""
-    from ..analysis import capture_qkv
-    from ..analysis import dense_probabilities
+    from ..analysis import capture_qkv, dense_probabilities
     from .boundaries import boundary_labels, choose_thresholds, fit_boundary_model
     if 1.0 not in multipliers:
         raise ValueError("the multipliers must include 1.0 (the uncalibrated budget)")

@@ -126,13 +126,20 @@ def _sparse(plan: _Plan, stats: CallStats, qi, ki, vi, win, weight) -> np.ndarra
 
 
 @functools.lru_cache(maxsize=1024)
-def _head_configs(cfg: DHSAConfig, layer: Optional[int], Hkv: int) -> Tuple[DHSAConfig, ...]:
-    """The plain configs a calibrated config gives one layer: one for the
-    "layer" granularity, else one per KV head (made once per layer, not per call)."""
+def _layer_calibration(cfg: DHSAConfig, layer: Optional[int],
+                       Hkv: int) -> Tuple[Tuple[DHSAConfig, ...], Optional[np.ndarray]]:
+    """What a calibrated config gives one layer, made once per layer, not per
+    call: the plain configs (one for the "layer" granularity, else one per KV
+    head) and the learned boundary model rows (read-only), if any."""
     cal = cfg.calibration
     if cfg.granularity == "layer":
-        return (cal.config_for(cfg, layer),)
-    return tuple(cal.config_for(cfg, layer, g) for g in range(Hkv))
+        heads = (cal.config_for(cfg, layer),)
+    else:
+        heads = tuple(cal.config_for(cfg, layer, g) for g in range(Hkv))
+    bmodel = cal.boundary_model_for(layer)
+    if bmodel is not None:
+        bmodel.setflags(write=False)
+    return heads, bmodel
 
 
 def _attend(plan: _Plan, stats: CallStats, qi: np.ndarray, ki: np.ndarray,
@@ -178,8 +185,7 @@ def dhsa_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     if cal is not None:  # budgets (and boundaries) per layer and KV head, checked here
         cal.check_shape(H, Hkv, D, layer)
         forced_dense = forced_dense or (layer is not None and layer in cal.dense_layers)
-        heads = _head_configs(cfg, layer, Hkv)
-        bmodel = cal.boundary_model_for(layer)
+        heads, bmodel = _layer_calibration(cfg, layer, Hkv)
         cfg = heads[0]
     plan = _Plan(cfg, forced_dense, handle.dense_when_fits, handle.sparse_sliding, causal,
                  float(scaling) if scaling is not None else 1.0 / math.sqrt(D),
