@@ -69,6 +69,40 @@ static double learned_score(const double *model, const window_means *w, int64_t 
            tail[DHSA_BMODEL_NORM_R] * nr;
 }
 
+/* The score of position t from three prefix rows (row x = sum of keys [0, x)):
+ * p0 = row t - wl, pt = row t, p1 = row t + wr. The one home of the score,
+ * shared by the whole-sequence pass below and the incremental chunk state of
+ * a KV cache (decode.c), so both give the same bits. */
+double dhsa_chunking_score_at(const double *p0, const double *pt, const double *p1, int64_t t,
+                              int64_t wl, int64_t wr, int64_t W, const double *model) {
+    const window_means w = {p0, pt, p1, 1.0 / (double)t, 1.0 / (double)wl, 1.0 / (double)wr};
+    /* four partial sums per reduction so the loop vectorises (a serial
+     * chain otherwise) */
+    double pd[4] = {0, 0, 0, 0}, pl[4] = {0, 0, 0, 0}, pr[4] = {0, 0, 0, 0};
+    int64_t x = 0;
+    for (; x + 4 <= W; x += 4) {
+        for (int u = 0; u < 4; u++) {
+            double a, b;
+            centred(&w, x + u, &a, &b);
+            pd[u] += a * b;
+            pl[u] += a * a;
+            pr[u] += b * b;
+        }
+    }
+    for (; x < W; x++) {
+        double a, b;
+        centred(&w, x, &a, &b);
+        pd[0] += a * b;
+        pl[0] += a * a;
+        pr[0] += b * b;
+    }
+    const double dot = (pd[0] + pd[1]) + (pd[2] + pd[3]);
+    const double nl = (pl[0] + pl[1]) + (pl[2] + pl[3]);
+    const double nr = (pr[0] + pr[1]) + (pr[2] + pr[3]);
+    const double cosd = (nl > 0.0 && nr > 0.0) ? 1.0 - dot / (sqrt(nl) * sqrt(nr)) : 0.0;
+    return model ? learned_score(model, &w, W, cosd, sqrt(nl), sqrt(nr)) : cosd;
+}
+
 /* score (Lk) from k: nheads heads of (Lk, D), head_stride floats apart.
  * Running sums are kept in a ring of 2 * window + 2 rows (row x = sum of keys
  * [0, x)), so memory is O(window * heads * D) whatever Lk is. */
@@ -96,37 +130,30 @@ int dhsa_chunking_boundary_scores(double *score, const float *k, int64_t Lk, int
             }
             made++;
         }
-        const window_means w = {ROW(t - wl), ROW(t), ROW(t + wr), 1.0 / (double)t,
-                                1.0 / (double)wl, 1.0 / (double)wr};
-        /* four partial sums per reduction so the loop vectorises (a serial
-         * chain otherwise) */
-        double pd[4] = {0, 0, 0, 0}, pl[4] = {0, 0, 0, 0}, pr[4] = {0, 0, 0, 0};
-        int64_t x = 0;
-        for (; x + 4 <= W; x += 4) {
-            for (int u = 0; u < 4; u++) {
-                double a, b;
-                centred(&w, x + u, &a, &b);
-                pd[u] += a * b;
-                pl[u] += a * a;
-                pr[u] += b * b;
-            }
-        }
-        for (; x < W; x++) {
-            double a, b;
-            centred(&w, x, &a, &b);
-            pd[0] += a * b;
-            pl[0] += a * a;
-            pr[0] += b * b;
-        }
-        const double dot = (pd[0] + pd[1]) + (pd[2] + pd[3]);
-        const double nl = (pl[0] + pl[1]) + (pl[2] + pl[3]);
-        const double nr = (pr[0] + pr[1]) + (pr[2] + pr[3]);
-        const double cosd = (nl > 0.0 && nr > 0.0) ? 1.0 - dot / (sqrt(nl) * sqrt(nr)) : 0.0;
-        score[t] = model ? learned_score(model, &w, W, cosd, sqrt(nl), sqrt(nr)) : cosd;
+        score[t] = dhsa_chunking_score_at(ROW(t - wl), ROW(t), ROW(t + wr), t, wl, wr, W, model);
     }
 #undef ROW
     free(prefix);
     return DHSA_OK;
+}
+
+/* Whether position t becomes a boundary when the open chunk starts at `last`
+ * (scores [1, Lk) read, up to t + nms_radius): the open chunk reached
+ * max_chunk, or it has min_chunk keys and score[t] >= threshold is a local
+ * maximum within nms_radius (the earlier position wins ties). The one home
+ * of the decision, for the whole-sequence scan below and the incremental
+ * one of a KV cache (decode.c). */
+int dhsa_chunking_take(const double *score, int64_t t, int64_t last, int64_t Lk,
+                       const dhsa_predict_params *p) {
+    const int64_t len = t - last;
+    if (len >= p->max_chunk) return 1;
+    if (len < p->min_chunk || !(score[t] >= p->threshold)) return 0;
+    const int64_t a = DHSA_MAX(1, t - p->nms_radius), b = DHSA_MIN(Lk - 1, t + p->nms_radius);
+    for (int64_t u = a; u <= b; u++) {
+        if (u < t && score[u] >= score[t]) return 0; /* the earlier wins ties */
+        if (u > t && score[u] > score[t]) return 0;
+    }
+    return 1;
 }
 
 /* bounds (capacity Lk + 1), *num_bounds from score (Lk): the scan described
@@ -138,7 +165,6 @@ int dhsa_chunking_find_boundaries(int64_t *bounds, int64_t *num_bounds, const do
         p->max_chunks < 0)
         return DHSA_EINVAL;
     if (!isfinite(p->threshold)) return DHSA_EINVAL;
-    const int64_t min_len = p->min_chunk, max_len = p->max_chunk;
     /* the cap: at most max_chunks - 1 inner boundaries, then the last chunk
      * takes the rest (it may pass max_len). A cap that read Lk (lengths
      * widened to ceil(Lk / max_chunks)) would let keys appended after a query
@@ -146,19 +172,8 @@ int dhsa_chunking_find_boundaries(int64_t *bounds, int64_t *num_bounds, const do
     const int64_t inner_cap = p->max_chunks > 0 ? p->max_chunks - 1 : Lk;
     int64_t n = 0, last = 0;
     bounds[n++] = 0;
-    for (int64_t t = 1; t < Lk && n - 1 < inner_cap; t++) {
-        const int64_t len = t - last;
-        int take = len >= max_len;
-        if (!take && len >= min_len && score[t] >= p->threshold) {
-            take = 1;
-            const int64_t a = DHSA_MAX(1, t - p->nms_radius), b = DHSA_MIN(Lk - 1, t + p->nms_radius);
-            for (int64_t u = a; u <= b && take; u++) {
-                if (u < t && score[u] >= score[t]) take = 0; /* the earlier wins ties */
-                if (u > t && score[u] > score[t]) take = 0;
-            }
-        }
-        if (take) { bounds[n++] = t; last = t; }
-    }
+    for (int64_t t = 1; t < Lk && n - 1 < inner_cap; t++)
+        if (dhsa_chunking_take(score, t, last, Lk, p)) { bounds[n++] = t; last = t; }
     bounds[n++] = Lk;
     *num_bounds = n;
     return DHSA_OK;

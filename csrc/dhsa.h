@@ -334,6 +334,73 @@ int dhsa_selection_count_pairs(int64_t *pairs_selected, int64_t *pairs_allowed,
                                const dhsa_selection *sel, const dhsa_attn_shape *s,
                                int num_threads);
 
+/* ---- decoding from a KV cache (decode.c) -------------------------------- */
+
+/* A KV cache of B batch items x Hkv heads x D, float32 or float16 (kv_f16),
+ * with the chunk state of every chunking group (B * CG, CG as in
+ * dhsa_predict for p's granularity): the chunking of dhsa_predict built as
+ * keys arrive, O(new keys * D) per append (never a re-scan). A boundary is
+ * committed once its look-ahead has arrived (boundary_window + nms_radius
+ * keys past it for dynamic chunking; a fixed chunk when it is full), so the
+ * committed chunks of a cache are exactly those of dhsa_predict on the same
+ * keys, however they were appended; the keys after the last committed
+ * boundary form the open chunk. Closed chunks keep a float32 representation
+ * (sum of their head-averaged keys / n ** key_norm) for decode scoring.
+ * Opaque; not safe for concurrent calls on one cache. */
+typedef struct dhsa_kv_cache dhsa_kv_cache;
+
+/* *out = an empty cache. p: the chunking options (granularity, chunking,
+ * chunk_size, boundary_window, threshold, min_chunk, max_chunk, nms_radius,
+ * normalization, method, boundary_model: copied), max_chunks must be 0 (a cap
+ * on chunks would leave an open chunk growing without end). */
+int dhsa_kv_cache_create(dhsa_kv_cache **out, int64_t B, int64_t Hkv, int64_t D, int kv_f16,
+                         const dhsa_predict_params *p);
+void dhsa_kv_cache_free(dhsa_kv_cache *c);
+
+/* Append k and v, (B, Hkv, n, D) in the cache's dtype. They are scanned
+ * first: DHSA_ENONFINITE (or DHSA_ENOMEM) leaves the cache unchanged. */
+int dhsa_kv_cache_append(dhsa_kv_cache *c, const void *k, const void *v, int64_t n,
+                         int num_threads);
+/* Keep the first n keys (n <= length): the state becomes that of a cache
+ * given only those (re-chunked from the stored keys). */
+int dhsa_kv_cache_crop(dhsa_kv_cache *c, int64_t n);
+/* Batch item i of the new cache is item index[i] of the old one (B_new
+ * items, indices in [0, B), repeats allowed: beam search). */
+int dhsa_kv_cache_reorder(dhsa_kv_cache *c, const int64_t *index, int64_t B_new);
+
+int64_t dhsa_kv_cache_length(const dhsa_kv_cache *c);
+int64_t dhsa_kv_cache_batch(const dhsa_kv_cache *c);
+/* Bytes held: K/V storage (capacity included) and the chunk state. */
+void dhsa_kv_cache_bytes(const dhsa_kv_cache *c, int64_t *kv_bytes, int64_t *state_bytes);
+/* Committed bounds of chunking group g (b * CG + cg): *bounds points to
+ * *num_bounds values 0 = b0 < ... < b_last, the last one the open chunk's
+ * start (valid until the next call that changes the cache). */
+int dhsa_kv_cache_chunks(const dhsa_kv_cache *c, int64_t g, const int64_t **bounds,
+                         int64_t *num_bounds);
+/* The bounds dhsa_predict computes for all `length` keys (committed ones,
+ * then the scan of the open chunk with the shortened windows at the end):
+ * bounds (B * CG, length + 1), num_bounds (B * CG). */
+int dhsa_kv_cache_prefill_bounds(const dhsa_kv_cache *c, int64_t *bounds, int64_t *num_bounds);
+/* Copy keys and values of positions [a, b) into k, v (B, Hkv, b - a, D). */
+int dhsa_kv_cache_read(const dhsa_kv_cache *c, void *k, void *v, int64_t a, int64_t b);
+
+/* out (B, H, nq, D) float32 = attention of q (B, H, nq, D), the queries of
+ * the cache's last nq positions, over the cache: causal, with scale,
+ * softcap and window as dhsa_attn_shape. budget 0 (or >= the keys visible)
+ * attends every visible key. Otherwise the nq queries form one block whose
+ * selection (per selection group of the cache's granularity) keeps the
+ * first `sink` visible keys, the `local` keys before the block and its own,
+ * the open chunk, and then closed chunks by r_q . r_k (r_q the group's
+ * head-averaged queries, block sum / sqrt(nq); pieces clipped to the
+ * candidate keys inherit their chunk's score), best first, the last cut,
+ * until `budget` keys. q is scanned (DHSA_ENONFINITE). With out_pred, *out_pred
+ * receives the selection (one block), the bounds it used (committed + length)
+ * and the pair counts. */
+int dhsa_decode_attention(float *out, dhsa_prediction **out_pred, const float *q,
+                          const dhsa_kv_cache *c, int64_t H, int64_t nq, float scale,
+                          float softcap, int64_t window, int64_t budget, int64_t sink,
+                          int64_t local, int num_threads);
+
 #ifdef __cplusplus
 }
 #endif

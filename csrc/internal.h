@@ -103,6 +103,45 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
                         const int64_t *bounds, const int64_t *num_bounds,
                         int num_threads);
 
+/* ---- pieces and the budget rule (selection.c) ----------------------------- */
+
+/* A candidate key range of a selection and its score. */
+typedef struct {
+    int64_t a, b;  /* key range [a, b) */
+    double score;  /* r_q . r_k of the piece */
+    double logm;   /* adaptive: log of the estimated attention mass */
+} dhsa_piece;
+
+/* The best pieces (score, then earliest start) whose lengths first reach
+ * `need`, kept in one pass over the candidates: a heap of h (room for every
+ * candidate), its worst on top, trimmed while the others alone cover need. */
+typedef struct {
+    dhsa_piece *h;
+    int64_t n, tok, need;
+} dhsa_cover_heap;
+void dhsa_cover_offer(dhsa_cover_heap *c, const dhsa_piece *pc);
+/* The kept pieces best first into sel[nsel..] until *tokens reaches limit,
+ * the last one cut; returns the new nsel. */
+int64_t dhsa_cover_take(dhsa_cover_heap *c, dhsa_piece *sel, int64_t nsel, int64_t *tokens,
+                        int64_t limit);
+/* sel -> sorted, merged ranges in starts / ends; returns their number. */
+int64_t dhsa_pieces_merge(int32_t *starts, int32_t *ends, dhsa_piece *sel, int64_t nsel);
+
+/* ---- chunking internals (chunking.c) ------------------------------------- */
+
+/* The boundary score of position t from prefix rows t - wl, t and t + wr
+ * (row x = sum of the group's keys [0, x), W values per key). */
+double dhsa_chunking_score_at(const double *p0, const double *pt, const double *p1, int64_t t,
+                              int64_t wl, int64_t wr, int64_t W, const double *model);
+/* Whether t becomes a boundary of a chunk open since `last` (see dhsa.h). */
+int dhsa_chunking_take(const double *score, int64_t t, int64_t last, int64_t Lk,
+                       const struct dhsa_predict_params *p);
+
+/* The options as the stages read them: sizes clamped to the sequence
+ * length Lk, Lq queries, and the fixed choices of a method (predict.c). */
+struct dhsa_predict_params dhsa_predict_resolved(const struct dhsa_predict_params *in,
+                                                 int64_t Lq, int64_t Lk);
+
 /* dhsa_selection_count_pairs for a shape and selection already checked. */
 void dhsa_selection_count_pairs_checked(int64_t *pairs_selected, int64_t *pairs_allowed,
                                         const dhsa_selection *sel, const dhsa_attn_shape *s,

@@ -984,6 +984,390 @@ done:
     return result;
 }
 
+
+/* ---- KVCache: a KV cache with its chunk state (decode.c) ------------------- */
+
+/* _core.KVCache(config, batch, num_kv_heads, head_dim, half, boundary_model=None).
+ * The object owns one dhsa_kv_cache. `busy` is set (under the GIL) while a
+ * call runs without the GIL, so a second thread gets an error instead of a
+ * race on the cache. */
+typedef struct {
+    PyObject_HEAD
+    dhsa_kv_cache *c;
+    int64_t B, Hkv, D, CG;
+    int half, busy;
+} KVCacheObject;
+
+static int cache_acquire(KVCacheObject *self) {
+    if (!self->c) {
+        PyErr_SetString(PyExc_ValueError, "KVCache is not initialised");
+        return -1;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "KVCache is in use by another thread; a cache serves one call at a time");
+        return -1;
+    }
+    self->busy = 1;
+    return 0;
+}
+
+static void KVCache_dealloc(KVCacheObject *self) {
+    dhsa_kv_cache_free(self->c);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int KVCache_init(KVCacheObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"config", "batch", "num_kv_heads", "head_dim", "half",
+                             "boundary_model", NULL};
+    PyObject *config, *bmodel_in = Py_None, *b_obj, *h_obj, *d_obj;
+    PyArrayObject *bmodel = NULL;
+    int half = 0;
+    int64_t B = 0, Hkv = 0, D = 0;
+    dhsa_predict_params p;
+    if (self->c) {
+        PyErr_SetString(PyExc_RuntimeError, "KVCache is already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOp|O", kwlist, &config, &b_obj, &h_obj,
+                                     &d_obj, &half, &bmodel_in))
+        return -1;
+    if (parse_required_int(b_obj, "batch", 1, &B) < 0 ||
+        parse_required_int(h_obj, "num_kv_heads", 1, &Hkv) < 0 ||
+        parse_required_int(d_obj, "head_dim", 1, &D) < 0)
+        return -1;
+    if (D > 256) {
+        PyErr_Format(PyExc_ValueError, "head_dim must be <= 256, got %lld", (long long)D);
+        return -1;
+    }
+    if (B > INT32_MAX || Hkv > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "batch and num_kv_heads must be < 2**31");
+        return -1;
+    }
+    if (params_from_config(config, &p) < 0) return -1;
+    if (p.max_chunks != 0) {
+        PyErr_SetString(PyExc_ValueError, "KVCache needs config.max_chunks=None: a cap on "
+                        "chunks would leave the open chunk growing without end");
+        return -1;
+    }
+    dhsa_attn_shape s = {B, Hkv, Hkv, 1, 1, D, 1.0f, 0.0f, 0, 1, 0};
+    if (parse_boundary_model(bmodel_in, &s, &p, 0, &bmodel) < 0) return -1;
+    const int st = dhsa_kv_cache_create(&self->c, B, Hkv, D, half, &p);
+    Py_XDECREF(bmodel);
+    if (st != DHSA_OK) {
+        raise_status(st, "KVCache");
+        return -1;
+    }
+    self->B = B; self->Hkv = Hkv; self->D = D; self->half = half;
+    self->CG = dhsa_rule_chunk_groups(&s, p.granularity);
+    return 0;
+}
+
+/* k or v for append: (batch, num_kv_heads, n, head_dim) in the cache's dtype */
+static PyArrayObject *cache_input(KVCacheObject *self, PyObject *obj, const char *name) {
+    int t = 0;
+    if (check_tensor(obj, name, &t) < 0) return NULL;
+    const int want = self->half ? NPY_FLOAT16 : NPY_FLOAT32;
+    if (t != want) {
+        PyErr_Format(PyExc_TypeError, "%s must have the cache's dtype %s, got %R", name,
+                     self->half ? "float16" : "float32", (PyObject *)PyArray_DESCR((PyArrayObject *)obj));
+        return NULL;
+    }
+    npy_intp *d = PyArray_DIMS((PyArrayObject *)obj);
+    if (d[0] != self->B || d[1] != self->Hkv || d[3] != self->D) {
+        PyErr_Format(PyExc_ValueError, "%s must have shape (%lld, %lld, n, %lld) (batch, "
+                     "num_kv_heads, length, head_dim of the cache), got (%zd, %zd, %zd, %zd)",
+                     name, (long long)self->B, (long long)self->Hkv, (long long)self->D,
+                     (Py_ssize_t)d[0], (Py_ssize_t)d[1], (Py_ssize_t)d[2], (Py_ssize_t)d[3]);
+        return NULL;
+    }
+    return (PyArrayObject *)PyArray_FROMANY(obj, want, 4, 4,
+                                            NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+}
+
+static PyObject *KVCache_append(KVCacheObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"k", "v", "num_threads", NULL};
+    PyObject *k_in, *v_in, *threads = Py_None, *result = NULL;
+    PyArrayObject *k = NULL, *v = NULL;
+    int T = 1, st;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$O", kwlist, &k_in, &v_in, &threads))
+        return NULL;
+    if (parse_threads(threads, &T) < 0) return NULL;
+    if (!(k = cache_input(self, k_in, "k")) || !(v = cache_input(self, v_in, "v"))) goto done;
+    if (PyArray_DIM(k, 2) != PyArray_DIM(v, 2)) {
+        PyErr_SetString(PyExc_ValueError, "v must have the same shape as k");
+        goto done;
+    }
+    if (cache_acquire(self) < 0) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    st = dhsa_kv_cache_append(self->c, PyArray_DATA(k), PyArray_DATA(v), PyArray_DIM(k, 2), T);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (st == DHSA_ENONFINITE) {
+        if (check_finite(k, "k", T) == 0) check_finite(v, "v", T);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "k or v contains NaN or Inf");
+        goto done;
+    }
+    if (st == DHSA_EOVERFLOW) {
+        PyErr_SetString(PyExc_ValueError, "KVCache.append: a cache holds fewer than 2**31 keys");
+        goto done;
+    }
+    if (st != DHSA_OK) { raise_status(st, "KVCache.append"); goto done; }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    return result;
+}
+
+static PyObject *KVCache_length(KVCacheObject *self, PyObject *unused) {
+    (void)unused;
+    return PyLong_FromLongLong(self->c ? dhsa_kv_cache_length(self->c) : 0);
+}
+
+static PyObject *KVCache_chunks(KVCacheObject *self, PyObject *arg) {
+    int64_t g = 0;
+    if (!self->c) return raise_status(DHSA_EINVAL, "KVCache");
+    if (parse_required_int(arg, "group", 0, &g) < 0) return NULL;
+    const int64_t *b;
+    int64_t nb;
+    if (g >= self->B * self->CG || dhsa_kv_cache_chunks(self->c, g, &b, &nb) != DHSA_OK) {
+        PyErr_Format(PyExc_ValueError, "group must be in [0, %lld), got %lld",
+                     (long long)(self->B * self->CG), (long long)g);
+        return NULL;
+    }
+    npy_intp n = (npy_intp)nb;
+    PyObject *arr = PyArray_SimpleNew(1, &n, NPY_INT64);
+    if (arr) memcpy(PyArray_DATA((PyArrayObject *)arr), b, (size_t)nb * sizeof(int64_t));
+    return arr;
+}
+
+static PyObject *KVCache_prefill_bounds(KVCacheObject *self, PyObject *unused) {
+    (void)unused;
+    if (!self->c) return raise_status(DHSA_EINVAL, "KVCache");
+    const int64_t L = dhsa_kv_cache_length(self->c), n = self->B * self->CG;
+    if (L < 1) {
+        PyErr_SetString(PyExc_ValueError, "KVCache is empty");
+        return NULL;
+    }
+    npy_intp dims[2] = {(npy_intp)n, (npy_intp)(L + 1)}, nn = (npy_intp)n;
+    PyObject *b = PyArray_SimpleNew(2, dims, NPY_INT64), *nb = PyArray_SimpleNew(1, &nn, NPY_INT64);
+    if (!b || !nb) { Py_XDECREF(b); Py_XDECREF(nb); return NULL; }
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = dhsa_kv_cache_prefill_bounds(self->c, PyArray_DATA((PyArrayObject *)b),
+                                      PyArray_DATA((PyArrayObject *)nb));
+    Py_END_ALLOW_THREADS
+    if (st != DHSA_OK) { Py_DECREF(b); Py_DECREF(nb); return raise_status(st, "KVCache"); }
+    return Py_BuildValue("NN", b, nb);
+}
+
+static PyObject *KVCache_read(KVCacheObject *self, PyObject *args) {
+    long long a = 0, e = 0;
+    if (!PyArg_ParseTuple(args, "LL", &a, &e)) return NULL;
+    if (!self->c) return raise_status(DHSA_EINVAL, "KVCache");
+    const int64_t L = dhsa_kv_cache_length(self->c);
+    if (a < 0 || e < a || e > L) {
+        PyErr_Format(PyExc_ValueError, "positions [%lld, %lld) are not inside [0, %lld)", a, e,
+                     (long long)L);
+        return NULL;
+    }
+    npy_intp dims[4] = {(npy_intp)self->B, (npy_intp)self->Hkv, (npy_intp)(e - a),
+                        (npy_intp)self->D};
+    const int t = self->half ? NPY_FLOAT16 : NPY_FLOAT32;
+    PyObject *k = PyArray_SimpleNew(4, dims, t), *v = PyArray_SimpleNew(4, dims, t);
+    if (!k || !v) { Py_XDECREF(k); Py_XDECREF(v); return NULL; }
+    dhsa_kv_cache_read(self->c, PyArray_DATA((PyArrayObject *)k),
+                       PyArray_DATA((PyArrayObject *)v), a, e);
+    return Py_BuildValue("NN", k, v);
+}
+
+static PyObject *KVCache_crop(KVCacheObject *self, PyObject *arg) {
+    int64_t n = 0;
+    if (!self->c) return raise_status(DHSA_EINVAL, "KVCache");
+    if (parse_required_int(arg, "length", 0, &n) < 0) return NULL;
+    if (n > dhsa_kv_cache_length(self->c)) {
+        PyErr_Format(PyExc_ValueError, "length must be <= the cache's %lld keys, got %lld",
+                     (long long)dhsa_kv_cache_length(self->c), (long long)n);
+        return NULL;
+    }
+    if (cache_acquire(self) < 0) return NULL;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = dhsa_kv_cache_crop(self->c, n);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (st != DHSA_OK) return raise_status(st, "KVCache.crop");
+    Py_RETURN_NONE;
+}
+
+static PyObject *KVCache_reorder(KVCacheObject *self, PyObject *arg) {
+    if (!self->c) return raise_status(DHSA_EINVAL, "KVCache");
+    PyArrayObject *idx = as_index_array(arg, "index", NPY_INT64);
+    if (!idx) return NULL;
+    const int64_t n = PyArray_SIZE(idx);
+    const int64_t *d = PyArray_DATA(idx);
+    for (int64_t i = 0; i < n; i++)
+        if (d[i] < 0 || d[i] >= self->B) {
+            PyErr_Format(PyExc_ValueError, "index[%lld] = %lld is not a batch item of the cache "
+                         "(batch %lld)", (long long)i, (long long)d[i], (long long)self->B);
+            Py_DECREF(idx);
+            return NULL;
+        }
+    if (n < 1) {
+        PyErr_SetString(PyExc_ValueError, "index must not be empty");
+        Py_DECREF(idx);
+        return NULL;
+    }
+    if (cache_acquire(self) < 0) { Py_DECREF(idx); return NULL; }
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = dhsa_kv_cache_reorder(self->c, d, n);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    Py_DECREF(idx);
+    if (st != DHSA_OK) return raise_status(st, "KVCache.reorder");
+    self->B = n;
+    Py_RETURN_NONE;
+}
+
+static PyObject *KVCache_nbytes(KVCacheObject *self, PyObject *unused) {
+    (void)unused;
+    int64_t kv = 0, state = 0;
+    if (self->c) dhsa_kv_cache_bytes(self->c, &kv, &state);
+    return Py_BuildValue("LL", (long long)kv, (long long)state);
+}
+
+static PyMethodDef KVCache_methods[] = {
+    {"append", (PyCFunction)(void (*)(void))KVCache_append, METH_VARARGS | METH_KEYWORDS,
+     "Append k, v (batch, num_kv_heads, n, head_dim)."},
+    {"length", (PyCFunction)KVCache_length, METH_NOARGS, "Number of cached positions."},
+    {"chunks", (PyCFunction)KVCache_chunks, METH_O, "Committed bounds of one chunking group."},
+    {"prefill_bounds", (PyCFunction)KVCache_prefill_bounds, METH_NOARGS,
+     "(bounds, num_bounds) of the prediction over every cached key."},
+    {"read", (PyCFunction)KVCache_read, METH_VARARGS, "Copies of k, v at positions [a, b)."},
+    {"crop", (PyCFunction)KVCache_crop, METH_O, "Keep the first n positions."},
+    {"reorder", (PyCFunction)KVCache_reorder, METH_O, "New batch item i = old item index[i]."},
+    {"nbytes", (PyCFunction)KVCache_nbytes, METH_NOARGS, "(K/V bytes, chunk state bytes)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject KVCacheType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dhsa._core.KVCache",
+    .tp_basicsize = sizeof(KVCacheObject),
+    .tp_dealloc = (destructor)KVCache_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A KV cache with DHSA's incremental chunk state (see dhsa.KVCache).",
+    .tp_methods = KVCache_methods,
+    .tp_init = (initproc)KVCache_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* decode_attention(q, cache, *, budget, sink, local, scale, softcap, window,
+ *                  num_threads, return_info) -> out or (out, dict as predict's) */
+static PyObject *py_decode_attention(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"q", "cache", "budget", "sink", "local", "scale", "softcap",
+                             "window", "num_threads", "return_info", NULL};
+    PyObject *q_in, *cache_in, *budget_in = Py_None, *sink_in = Py_None, *local_in = Py_None,
+             *scale = Py_None,
+             *softcap = Py_None, *window = Py_None, *threads = Py_None, *result = NULL;
+    int return_info = 0, st, T = 1, tq = 0, given = 0;
+    PyArrayObject *q = NULL, *out = NULL;
+    dhsa_prediction *pred = NULL;
+    int64_t budget = 0, sink = 0, local = 0, win = 0;
+    double sc = 0.0, cap = 0.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$OOOOOOOp", kwlist, &q_in, &cache_in,
+                                     &budget_in, &sink_in, &local_in, &scale, &softcap, &window,
+                                     &threads, &return_info))
+        return NULL;
+    if (!PyObject_TypeCheck(cache_in, &KVCacheType)) {
+        PyErr_Format(PyExc_TypeError, "cache must be a KVCache, got %s", Py_TYPE(cache_in)->tp_name);
+        return NULL;
+    }
+    KVCacheObject *cache = (KVCacheObject *)cache_in;
+    if (!cache->c) return raise_status(DHSA_EINVAL, "KVCache");
+    if (parse_required_int(budget_in, "budget", 0, &budget) < 0 ||
+        parse_required_int(sink_in, "sink", 0, &sink) < 0 ||
+        parse_required_int(local_in, "local", 0, &local) < 0 || parse_threads(threads, &T) < 0)
+        return NULL;
+    if (check_tensor(q_in, "q", &tq) < 0) return NULL;
+    npy_intp *qs = PyArray_DIMS((PyArrayObject *)q_in);
+    const int64_t L = dhsa_kv_cache_length(cache->c);
+    if (qs[0] != cache->B) {
+        PyErr_Format(PyExc_ValueError, "batch sizes differ: q has %zd, the cache %lld",
+                     (Py_ssize_t)qs[0], (long long)cache->B);
+        return NULL;
+    }
+    if (qs[3] != cache->D) {
+        PyErr_Format(PyExc_ValueError, "head_dim differs: q has %zd, the cache %lld",
+                     (Py_ssize_t)qs[3], (long long)cache->D);
+        return NULL;
+    }
+    if (qs[1] % cache->Hkv != 0) {
+        PyErr_Format(PyExc_ValueError, "q heads (%zd) must be a multiple of the cache's KV "
+                     "heads (%lld)", (Py_ssize_t)qs[1], (long long)cache->Hkv);
+        return NULL;
+    }
+    if (qs[2] > L) {
+        PyErr_Format(PyExc_ValueError, "q length (%zd) must be <= the cache's length (%lld): "
+                     "queries are the last cached positions", (Py_ssize_t)qs[2], (long long)L);
+        return NULL;
+    }
+    sc = 1.0 / sqrt((double)qs[3]);
+    if (parse_float_opt(scale, "scale", &sc, &given) < 0) return NULL;
+    if (!(sc >= 1e-30 && sc <= 1e30)) {
+        PyErr_Format(PyExc_ValueError, "scale must be in [1e-30, 1e30], got %R", scale);
+        return NULL;
+    }
+    if (parse_float_opt(softcap, "softcap", &cap, &given) < 0) return NULL;
+    if (given && !(cap >= 1e-30 && cap <= 1e30)) {
+        PyErr_Format(PyExc_ValueError, "softcap must be in [1e-30, 1e30] or None, got %R", softcap);
+        return NULL;
+    }
+    if (parse_int_opt(window, "window", 1, &win, &given) < 0) return NULL;
+    if (!(q = as_contiguous(q_in, 0))) return NULL;
+    npy_intp dims[4] = {qs[0], qs[1], qs[2], qs[3]};
+    if (!(out = (PyArrayObject *)PyArray_SimpleNew(4, dims, NPY_FLOAT32))) goto done;
+    if (cache_acquire(cache) < 0) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    st = dhsa_decode_attention(PyArray_DATA(out), return_info ? &pred : NULL, PyArray_DATA(q),
+                               cache->c, dims[1], dims[2], (float)sc, (float)cap, win, budget,
+                               sink, local, T);
+    Py_END_ALLOW_THREADS
+    cache->busy = 0;
+    if (st == DHSA_ENONFINITE) {
+        PyErr_SetString(PyExc_ValueError, "q contains NaN or Inf; DHSA rejects non-finite inputs");
+        goto done;
+    }
+    if (st == DHSA_ERANGE) {
+        PyErr_SetString(PyExc_ValueError, "decode_attention: q and the cached k are too large: "
+                        "scale * head_dim * max|q| * max|k| exceeds 2**126");
+        goto done;
+    }
+    if (st != DHSA_OK) { raise_status(st, "decode_attention"); goto done; }
+    {
+        PyObject *o = finish_output(out, tq);
+        out = NULL;
+        if (!o) goto done;
+        if (!return_info) { result = o; goto done; }
+        dhsa_attn_shape s = {cache->B, dims[1], cache->Hkv, dims[2], L, cache->D, (float)sc,
+                             (float)cap, win, 1, cache->half};
+        PyObject *info = prediction_dict(pred, &s);
+        pred = NULL;
+        if (!info) { Py_DECREF(o); goto done; }
+        result = Py_BuildValue("NN", o, info);
+    }
+done:
+    dhsa_prediction_free(pred);
+    Py_XDECREF(q);
+    Py_XDECREF(out);
+    (void)self;
+    return result;
+}
+
 /* ---- check_inputs -------------------------------------------------------- */
 
 /* check_inputs(q, k, v=None, *, causal, scale, softcap, window, num_threads)
@@ -1095,6 +1479,8 @@ static PyMethodDef methods[] = {
      "Query-key pairs kept by a selection and allowed by the masks."},
     {"check_inputs", (PyCFunction)(void (*)(void))py_check_inputs, METH_VARARGS | METH_KEYWORDS,
      "The argument conversion and input scan of every call, without computing anything."},
+    {"decode_attention", (PyCFunction)(void (*)(void))py_decode_attention,
+     METH_VARARGS | METH_KEYWORDS, "Attention of the last queries over a KVCache (sparse decode)."},
     {"build_info", py_build_info, METH_NOARGS, "Build and run-time information."},
     {"force_scalar", py_force_scalar, METH_O,
      "Route the row kernels to their scalar twins and the tile products to OpenBLAS."},
@@ -1113,5 +1499,14 @@ PyMODINIT_FUNC PyInit__core(void) {
     /* our threads call BLAS; BLAS itself must not spawn more */
     DHSA_BLAS(openblas_set_num_threads)(1);
     if (config_names_init() < 0) return NULL;
-    return PyModule_Create(&moduledef);
+    if (PyType_Ready(&KVCacheType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    Py_INCREF(&KVCacheType);
+    if (PyModule_AddObject(m, "KVCache", (PyObject *)&KVCacheType) < 0) {
+        Py_DECREF(&KVCacheType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

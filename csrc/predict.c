@@ -77,15 +77,14 @@ void dhsa_prediction_free(dhsa_prediction *pred) {
  * core far from overflow. And the one place where a method fixes options:
  * block_topk is fixed chunks of chunk_size keys (unless the caller gives
  * bounds), mean-pooled. */
-static dhsa_predict_params resolved(const dhsa_predict_params *in, const dhsa_attn_shape *s) {
+dhsa_predict_params dhsa_predict_resolved(const dhsa_predict_params *in, int64_t Lq, int64_t Lk) {
     dhsa_predict_params p = *in;
     if (p.method == DHSA_METHOD_BLOCK_TOPK) {
         p.chunking = DHSA_CHUNK_FIXED;
         p.normalization = DHSA_NORM_MEAN;
         p.chunk_score = DHSA_SCORE_MEAN;
     }
-    const int64_t Lk = s->Lk;
-    p.block_size = DHSA_MIN(p.block_size, s->Lq);
+    p.block_size = DHSA_MIN(p.block_size, Lq);
     p.sink = DHSA_MIN(p.sink, Lk);
     p.local = DHSA_MIN(p.local, Lk);
     p.budget = DHSA_MIN(p.budget, Lk);
@@ -97,7 +96,7 @@ static dhsa_predict_params resolved(const dhsa_predict_params *in, const dhsa_at
     p.max_chunk = DHSA_MIN(p.max_chunk, Lk);
     p.nms_radius = DHSA_MIN(p.nms_radius, Lk);
     p.max_chunks = DHSA_MIN(p.max_chunks, Lk);
-    p.dense_tail = DHSA_MIN(p.dense_tail, s->Lq);
+    p.dense_tail = DHSA_MIN(p.dense_tail, Lq);
     return p;
 }
 
@@ -133,7 +132,7 @@ static int predict_scanned(dhsa_prediction **out, const float *q, const float *k
                            int num_threads) {
     *out = NULL;
     const double t0 = now_seconds();
-    const dhsa_predict_params p = resolved(params, s);
+    const dhsa_predict_params p = dhsa_predict_resolved(params, s->Lq, s->Lk);
     /* the rest of the options are checked by the stages that read them */
     if (p.block_size < 1 || p.chunk_size < 1 || p.chunking < 0 || p.chunking > 1 ||
         p.granularity < 0 || p.granularity > 2)

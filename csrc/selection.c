@@ -34,11 +34,7 @@ static int omp_threads(void) {
 #endif
 }
 
-typedef struct {
-    int64_t a, b;  /* key range [a, b) */
-    double score;  /* r_q . r_k of the piece */
-    double logm;   /* adaptive: log of the estimated attention mass */
-} piece;
+typedef dhsa_piece piece;
 
 static int params_check(const dhsa_attn_shape *s, const dhsa_predict_params *p) {
     int st = dhsa_attn_shape_check(s);
@@ -192,12 +188,9 @@ static piece heap_pop(piece *h, int64_t *n, int order) {
  * Once it covers `need`, a candidate no better than the top is dropped with
  * one comparison - most of them at long contexts, where a block has
  * thousands of candidate chunks and keeps a few hundred. */
-typedef struct {
-    piece *h;
-    int64_t n, tok, need;
-} cover_heap;
+typedef dhsa_cover_heap cover_heap;
 
-static void cover_offer(cover_heap *c, const piece *pc) {
+void dhsa_cover_offer(cover_heap *c, const piece *pc) {
     if (c->need <= 0 || (c->tok >= c->need && piece_cmp(pc, &c->h[0]) > 0)) return;
     c->h[c->n] = *pc;
     sift_up(c->h, c->n++, WORST_ON_TOP);
@@ -211,6 +204,39 @@ static void cover_offer(cover_heap *c, const piece *pc) {
 static int range_cmp(const void *x, const void *y) {
     const piece *a = x, *b = y;
     return (a->a > b->a) - (a->a < b->a);
+}
+
+/* The covered pieces best first (piece_cmp order), appended to sel[nsel..]
+ * until *tokens reaches limit, the last one cut to its first keys: the
+ * budget rule of every fixed-budget selection (a block's here, a decode
+ * step's in decode.c). Returns the new nsel. */
+int64_t dhsa_cover_take(cover_heap *c, piece *sel, int64_t nsel, int64_t *tokens,
+                        int64_t limit) {
+    qsort(c->h, (size_t)c->n, sizeof(piece), piece_cmp);
+    for (int64_t i = 0; i < c->n && *tokens < limit; i++) {
+        const int64_t take = DHSA_MIN(c->h[i].b - c->h[i].a, limit - *tokens);
+        sel[nsel].a = c->h[i].a;
+        sel[nsel].b = c->h[i].a + take;
+        nsel++;
+        *tokens += take;
+    }
+    return nsel;
+}
+
+/* sel (nsel pieces, any order) -> sorted, merged ranges; returns their number */
+int64_t dhsa_pieces_merge(int32_t *starts, int32_t *ends, piece *sel, int64_t nsel) {
+    qsort(sel, (size_t)nsel, sizeof(piece), range_cmp);
+    int64_t nr = 0;
+    for (int64_t i = 0; i < nsel; i++) {
+        if (nr > 0 && sel[i].a <= ends[nr - 1]) {
+            if (sel[i].b > ends[nr - 1]) ends[nr - 1] = (int32_t)sel[i].b;
+        } else {
+            starts[nr] = (int32_t)sel[i].a;
+            ends[nr] = (int32_t)sel[i].b;
+            nr++;
+        }
+    }
+    return nr;
 }
 
 static double dot(const double *x, const double *y, int64_t n) {
@@ -276,7 +302,7 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const dhsa_block_geo
                               : piece_score(rq, kprefix, D, pc.a, pc.b, key_norm, tmp);
             pc.logm = 0.0;
             if (adaptive) pieces[np++] = pc;
-            else cover_offer(&cov, &pc);
+            else dhsa_cover_offer(&cov, &pc);
         }
     }
     int64_t nsel = 0, tokens = forced;
@@ -284,16 +310,7 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const dhsa_block_geo
     if (loc_b > loc_a) { sel[nsel].a = loc_a; sel[nsel].b = loc_b; nsel++; }
 
     if (!adaptive) {
-        /* the best pieces, best first, until the budget is reached, the last one cut */
-        qsort(kept, (size_t)cov.n, sizeof(piece), piece_cmp);
-        const int64_t nk = cov.n;
-        for (int64_t i = 0; i < nk && tokens < hi_clamp; i++) {
-            const int64_t take = DHSA_MIN(kept[i].b - kept[i].a, hi_clamp - tokens);
-            sel[nsel].a = kept[i].a;
-            sel[nsel].b = kept[i].a + take;
-            nsel++;
-            tokens += take;
-        }
+        nsel = dhsa_cover_take(&cov, sel, nsel, &tokens, hi_clamp);
     } else {
         /* best pieces first: a heap pops only as many as the budget takes
          * (O(n + k log n) instead of sorting all n) */
@@ -341,19 +358,7 @@ static int64_t select_block(int32_t *starts, int32_t *ends, const dhsa_block_geo
         }
     }
 
-    /* sorted, merged ranges */
-    qsort(sel, (size_t)nsel, sizeof(piece), range_cmp);
-    int64_t nr = 0;
-    for (int64_t i = 0; i < nsel; i++) {
-        if (nr > 0 && sel[i].a <= ends[nr - 1]) {
-            if (sel[i].b > ends[nr - 1]) ends[nr - 1] = (int32_t)sel[i].b;
-        } else {
-            starts[nr] = (int32_t)sel[i].a;
-            ends[nr] = (int32_t)sel[i].b;
-            nr++;
-        }
-    }
-    return nr;
+    return dhsa_pieces_merge(starts, ends, sel, nsel);
 }
 
 int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,

@@ -27,6 +27,7 @@ from .api import (AttentionInfo, Selection, build_info, dense_attention, force_s
                   predict_selection, sparse_attention)
 from .calibration import Calibration, load_calibration
 from .config import DHSAConfig
+from .decode import DecodeInfo, KVCache, decode_attention
 
 __version__ = "0.1.0"
 
@@ -77,9 +78,12 @@ __all__ = [
     "AttentionInfo",
     "Calibration",
     "DHSAConfig",
+    "DecodeInfo",
+    "KVCache",
     "Selection",
     "backend_features",
     "build_info",
+    "decode_attention",
     "dense_attention",
     "force_scalar",
     "load_calibration",

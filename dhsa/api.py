@@ -217,7 +217,7 @@ def sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray,
                      window: Optional[int] = None, num_threads: Optional[int] = None,
                      return_info: bool = False, boundaries: Boundaries = None,
                      selection: Optional[Selection] = None,
-                     boundary_model: Optional[np.ndarray] = None):
+                     boundary_model: Optional[np.ndarray] = None, cache=None):
     """DHSA attention: predict each query block's keys, attend only to them.
 
     Same shapes, dtypes and options as :func:`dense_attention`. A
@@ -226,8 +226,18 @@ def sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray,
     holding the chunk boundaries, the per-block ranges, the achieved density
     (selected / allowed pairs) and the time of each stage. ``boundaries`` and
     ``boundary_model`` are those of :func:`predict_selection`.
+
+    With a :class:`dhsa.KVCache` as ``cache``, k and v are the keys of the
+    new positions: they are appended to the cache first, and q (the last
+    Lq positions) attends over everything it holds, chunked by the cache
+    (its bounds over all keys are the ones this prediction would compute, so
+    the output is that of the same call without a cache on the whole
+    sequence). The config must chunk as ``cache.config`` does.
     """
     config = _check_config(config)
+    if cache is not None:
+        k, v, boundaries = _through_cache(cache, config, k, v, boundaries, boundary_model,
+                                          selection, num_threads)
     _check_boundary_model(config, boundary_model)
     if selection is not None and boundary_model is not None:
         raise TypeError("boundary_model feeds the prediction; a given selection skips it")
@@ -262,6 +272,27 @@ def sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray,
                                     pairs_allowed=d["pairs_allowed"])
     return out, AttentionInfo(selection=selection, predict_seconds=predict_seconds,
                               attention_seconds=d["attention_seconds"])
+
+
+def _through_cache(cache, config: DHSAConfig, k, v, boundaries, boundary_model, selection,
+                   num_threads):
+    """Append k, v to the cache; the whole sequence and the cache's bounds."""
+    from .decode import CHUNKING_FIELDS, KVCache
+
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a dhsa.KVCache, got {type(cache).__name__}")
+    if boundaries is not None or boundary_model is not None or selection is not None:
+        raise TypeError("a cache chunks the keys itself: give no boundaries, boundary_model "
+                        "or selection with it")
+    differ = [f for f in CHUNKING_FIELDS if getattr(config, f) != getattr(cache.config, f)]
+    if differ:
+        raise ValueError(f"config chunks differently from cache.config ({', '.join(differ)})")
+    before = len(cache)
+    cache.append(k, v, num_threads=num_threads)
+    if before:
+        k, v = cache.keys(), cache.values()
+    bounds, nb = cache.prefill_boundaries()
+    return k, v, [bounds[i, :nb[i]] for i in range(len(nb))]
 
 
 def build_info() -> dict:

@@ -103,6 +103,13 @@ class DHSAConfig:
     ``boundary_window`` they were fitted with); the NumPy functions refuse a config that
     carries one (they do not know the layer).
 
+    ``decode_budget``: the keys one decode step reads from a
+    :class:`dhsa.KVCache` (:func:`dhsa.decode_attention`): the ``sink`` first
+    keys, the ``local`` last ones, the cache's open chunk (keys after its last
+    committed boundary) and then its best closed chunks by r_q . r_k, until
+    ``decode_budget`` keys. None (the default) keeps decode exact - every
+    cached key.
+
     This class is the one place where the meaning of the options is checked
     (``__post_init__``). The C core reads the fields by these names
     (``dhsa._core`` converts a config into its ``dhsa_predict_params``, the
@@ -134,6 +141,7 @@ class DHSAConfig:
     last_queries: int = 64
     dense_tail: int = 0
     chunk_score: str = "mean"
+    decode_budget: Optional[int] = None
     calibration: Optional[Union[str, "os.PathLike", "Calibration"]] = None
 
     def __post_init__(self) -> None:
@@ -181,6 +189,11 @@ class DHSAConfig:
                 f"DHSAConfig.max_chunk ({self.max_chunk}) must be >= min_chunk ({self.min_chunk})")
         _int("nms_radius", self.nms_radius, 0)
         _int("max_chunks", self.max_chunks, 1, optional=True)
+        _int("decode_budget", self.decode_budget, 1, optional=True)
+        if self.decode_budget is not None and self.decode_budget < self.sink + self.local + 1:
+            raise ValueError(
+                f"DHSAConfig.decode_budget ({self.decode_budget}) must be >= sink + local + 1 "
+                f"({self.sink + self.local + 1}): those keys are always kept")
         fixed = self.sink + self.local + self.block_size
         if self.budget_mode == "tokens" and self.budget < fixed:
             raise ValueError(

@@ -32,6 +32,8 @@ __all__ = [
     "predict",
     "count_pairs",
     "selection_mask",
+    "cache_chunks",
+    "decode_select",
 ]
 
 
@@ -215,6 +217,30 @@ def _repr(P: np.ndarray, a: int, b: int, power: float = 0.5) -> np.ndarray:
 
 # ---- selection ------------------------------------------------------------
 
+def _take_best(pieces, sel: list, tokens: int, limit: int) -> int:
+    """The budget rule of a fixed budget: pieces (score, a, b) sorted best
+    first (ties: the earlier) appended to sel until ``limit`` keys, the last
+    cut to its first keys. Returns the keys kept."""
+    for _, a, b in pieces:
+        if tokens >= limit:
+            break
+        take = min(b - a, limit - tokens)
+        sel.append((a, a + take))
+        tokens += take
+    return tokens
+
+
+def _merged(sel) -> list:
+    """Sorted, merged ranges of sel."""
+    merged = []
+    for a, b in sorted(sel):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
 def _select_block(rq, kP, bounds, geom, cfg, scale):
     """Ranges [(a, b), ...] of one query block (mirrors select_block in C)."""
     kn = cfg["key_norm"]
@@ -250,12 +276,7 @@ def _select_block(rq, kP, bounds, geom, cfg, scale):
         sel.append((loc_a, loc_b))
     tokens = forced
     if mode != "adaptive":
-        for _, a, b in pieces:
-            if tokens >= hi_clamp:
-                break
-            take = min(b - a, hi_clamp - tokens)
-            sel.append((a, a + take))
-            tokens += take
+        tokens = _take_best(pieces, sel, tokens, hi_clamp)
     else:
         def logm(a, b, sc):
             n = b - a
@@ -281,14 +302,7 @@ def _select_block(rq, kP, bounds, geom, cfg, scale):
             tokens += take
             acc += math.exp(lm - mmax) * take / (b - a)
 
-    sel.sort()
-    merged = []
-    for a, b in sel:
-        if merged and a <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-        else:
-            merged.append((a, b))
-    return merged
+    return _merged(sel)
 
 
 def predict(q, k, *, block_size: int = 64, sink: int = 64, local: int = 256,
@@ -366,3 +380,84 @@ def count_pairs(offsets, starts, ends, B: int, groups: int, Lq: int, Lk: int,
     selected = (sel & vis).sum(axis=(2, 3)).reshape(-1)
     allowed = np.full(B * groups, vis.sum())
     return selected.astype(np.int64), allowed.astype(np.int64)
+
+
+# ---- decoding from a KV cache ---------------------------------------------
+
+def cache_chunks(bounds: np.ndarray, Lk: int, *, chunking: str = "dynamic",
+                 boundary_window: int = 16, nms_radius: int = 4) -> np.ndarray:
+    """The committed bounds of a KV cache holding Lk keys, from the bounds of
+    the whole-sequence chunking of those keys (``predict``'s).
+
+    A boundary at t is committed once the keys its decision reads have
+    arrived: t + boundary_window + nms_radius <= Lk for dynamic chunking (the
+    scan at t reads scores up to t + nms_radius, each reading keys up to
+    boundary_window past it, see find_boundaries), t <= Lk for fixed chunks.
+    The result starts at 0 and ends at the open chunk's start."""
+    bounds = np.asarray(bounds, dtype=np.int64)
+    limit = Lk - boundary_window - nms_radius if chunking == "dynamic" else Lk
+    inner = bounds[(bounds > 0) & (bounds <= limit)]
+    return np.concatenate([[0], inner]).astype(np.int64)
+
+
+def decode_select(q, k, committed, *, budget: int, sink: int, local: int,
+                  granularity: str = "kv_head", key_norm: float = 0.5,
+                  window: Optional[int] = None) -> dict:
+    """The selection of one decode step (mirrors decode_select in decode.c).
+
+    q (B, H, nq, D): the queries of the last nq of the Lk cached positions,
+    one block; k (B, Hkv, Lk, D); ``committed``: the cache's bounds per
+    (batch, chunking group) (``cache_chunks``). Kept: the sink, the local
+    keys with the block's own, the open chunk [committed[-1], Lk); then closed
+    chunks, clipped to the keys not yet kept, scored by r_q . r_c - r_q the
+    group's head-mean queries summed over the block / sqrt(nq), r_c the
+    chunk's head-mean key sum / n ** key_norm rounded to float32 (as the
+    cache stores it) - best first (ties: the earlier), the last cut, until
+    ``budget`` keys (0: every visible key). Returns offsets / starts / ends
+    over (B, SG) groups of one block."""
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    B, H, nq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    CG = chunk_groups(granularity, Hkv)
+    SG = selection_groups(granularity, H, Hkv)
+    geom = block_geometry(nq, Lk, nq, 0, True, window)
+    lo, hi = geom[4], geom[5]
+    sink_end, loc_a, _, forced = forced_ranges(geom, min(sink, Lk), min(local, Lk))
+    bud = min(budget, Lk) if budget > 0 else Lk
+    lo_clamp, hi_clamp = budget_clamp(hi - lo, forced, mode="tokens", budget=bud,
+                                      density=1.0, min_budget=1, max_budget=1)
+    offsets, starts, ends = [0], [], []
+    for b in range(B):
+        for sg in range(SG):
+            heads, kvs = group_heads(granularity, H, Hkv, sg)
+            kv = sorted(set(kvs))
+            cg = 0 if granularity == "layer" else kv[0]
+            bd = np.asarray(committed[b * CG + cg], dtype=np.int64)
+            if hi - lo <= lo_clamp:
+                ranges = [(lo, hi)]
+            else:
+                open_a = max(int(bd[-1]), sink_end)
+                tail_a = min(loc_a, open_a)
+                kept = (sink_end - lo) + (hi - tail_a)
+                sel = [(lo, sink_end)] if sink_end > lo else []
+                sel.append((tail_a, hi))
+                rq = q[b, heads].mean(axis=0).sum(axis=0) / math.sqrt(nq)
+                kP = prefix_sums(k[b, kv])
+                pieces = []
+                for c in range(len(bd) - 1):
+                    a, e = max(sink_end, int(bd[c])), min(tail_a, int(bd[c + 1]))
+                    if e <= a:
+                        continue
+                    rep = _repr(kP, int(bd[c]), int(bd[c + 1]), key_norm).astype(np.float32)
+                    pieces.append((float(rq @ rep.astype(np.float64)), a, e))
+                pieces.sort(key=lambda p: (-p[0], p[1]))
+                _take_best(pieces, sel, kept, hi_clamp)
+                ranges = _merged(sel)
+            for a, e in ranges:
+                starts.append(a)
+                ends.append(e)
+            offsets.append(len(starts))
+    return {"offsets": np.asarray(offsets, dtype=np.int64),
+            "starts": np.asarray(starts, dtype=np.int32),
+            "ends": np.asarray(ends, dtype=np.int32), "groups": SG}
