@@ -20,6 +20,7 @@ from torch import nn
 from ..api import dense_attention, sparse_attention
 from ..config import DHSAConfig
 from ..rules import query_heads_of
+from .decode import usable as _sparse_decode_usable
 from .masks import exact_masked, key_spans
 from .registry import binding_of
 from .stats import CallRecord, CallStats
@@ -209,6 +210,24 @@ def dhsa_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
         return result, None
 
     qn, kn, vn = _to_numpy(query), _to_numpy(key), _to_numpy(value)
+    if (_sparse_decode_usable(cfg) and causal and not forced_dense and not padded
+            and (plan.window is None or handle.sparse_sliding)
+            and spans[0] is not None and spans[0][0] == 0 and spans[0][2:] == (0, Lq)
+            and all(s == spans[0] for s in spans)):
+        # sparse decode: the layer's KVCache follows every call (prefill too);
+        # a static cache's empty slots past the real keys are left out
+        ke = spans[0][1]
+        cache = handle.decode_states.sync(layer if layer is not None else name, cfg, bmodel,
+                                          kn[:, :, :ke], vn[:, :, :ke], Lq,
+                                          num_threads=plan.threads)
+        if Lq == 1:
+            out_np, info = handle.decode_states.decode(
+                cache, qn, scale=plan.scale, softcap=plan.softcap, window=plan.window,
+                num_threads=plan.threads)
+            result = torch.from_numpy(out_np).to(query.dtype).transpose(1, 2).contiguous()
+            record("decode", info.density, info.select_seconds, info.attention_seconds, False,
+                   "sparse decode")
+            return result, None
     keep = layer in handle.keep_selections or name in handle.keep_selections
     stats = CallStats(keep_selection=keep)
     if spans[0] is not None and all(s == spans[0] for s in spans):  # one span for the batch

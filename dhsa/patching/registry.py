@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - older models build 4-D float masks the
     AttentionMaskInterface = sdpa_mask = None
 
 from ..config import DHSAConfig
+from .decode import DecodeStates
 from .stats import CallRecord, format_summary, mean_density, summarize
 
 __all__ = ["IMPLEMENTATION", "PatchHandle", "binding_of", "default_handle", "get_handle",
@@ -93,6 +94,8 @@ class PatchHandle:
         self.active = False
         self.stats: List[CallRecord] = []
         self.calls: Dict[str, int] = defaultdict(int)
+        # sparse decode (DHSAConfig.decode_budget): a KVCache per layer
+        self.decode_states = DecodeStates()
         self.configure(config, dense_layers=dense_layers, layer_configs=layer_configs,
                        dense_when_fits=dense_when_fits, sparse_sliding=sparse_sliding,
                        num_threads=num_threads, keep_selections=keep_selections, record=record)
@@ -212,6 +215,7 @@ class PatchHandle:
         if self.model is not None and getattr(self.model, _HANDLE_ATTR, None) is self:
             delattr(self.model, _HANDLE_ATTR)
         self.active = False
+        self.decode_states.clear()
         return True
 
     def __enter__(self) -> "PatchHandle":
