@@ -1349,7 +1349,10 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args, PyObject *k
     }
     if (st != DHSA_OK) { raise_status(st, "decode_attention"); goto done; }
     {
-        PyObject *o = finish_output(out, tq);
+        /* float16 out only when q and the cache are both float16 (a float32
+         * cache's values need not fit it) */
+        PyObject *o = finish_output(out, tq == NPY_FLOAT16 && cache->half ? NPY_FLOAT16
+                                                                          : NPY_FLOAT32);
         out = NULL;
         if (!o) goto done;
         if (!return_info) { result = o; goto done; }

@@ -228,7 +228,8 @@ def decode_attention(q: np.ndarray, cache: KVCache, *, scale: Optional[float] = 
     as in :func:`dhsa.dense_attention`. With ``cache.config.decode_budget``
     None every visible key is read (exact); otherwise the selection of the
     module docstring, made once for the n queries together. Returns the
-    output in q's dtype, and a :class:`DecodeInfo` with ``return_info``."""
+    output in float16 when q and the cache are both float16, else float32,
+    and a :class:`DecodeInfo` with ``return_info``."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a dhsa.KVCache, got {type(cache).__name__}")
     if cache._c is None:

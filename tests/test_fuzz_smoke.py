@@ -18,7 +18,7 @@ import dhsa
 
 FUZZ = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz", "fuzz_core.py")
 ITERATIONS = int(os.environ.get("DHSA_FUZZ_SMOKE_ITERATIONS", "2000"))
-KINDS = ("dense", "sparse", "predict", "count_pairs")
+KINDS = ("dense", "sparse", "predict", "count_pairs", "cache")
 
 
 def run_fuzz(tmp_path, seed: int, iterations: int) -> dict:

@@ -118,7 +118,32 @@ def case(name):
     bad_ends = ends.copy()
     bad_ends[-1] = Lk + 1
     bounds = np.array([0, 10, 30, 31, 60, Lk], dtype=np.int64)
+    dcfg = CFG.replace(decode_budget=40)
+    steady = dhsa.KVCache(dcfg, 2, 32)
+    steady.append(k, v)
+    q1 = np.ascontiguousarray(q[:, :, -1:])
+    k1, v1 = np.ascontiguousarray(k[:, :, :1]), np.ascontiguousarray(v[:, :, :1])
+
+    def cache_life():  # a whole cache: made, grown, read, cropped, reordered, dropped
+        c = dhsa.KVCache(dcfg, 2, 32, dtype=np.float16)
+        for i in range(0, Lk, 32):
+            c.append(kh[:, :, i:i + 32].copy(), vh[:, :, i:i + 32].copy())
+        dhsa.decode_attention(q1, c, return_info=True)
+        c.crop(50)
+        c.reorder([0, 0])
+        c.keys(0, 10)
+        return c.nbytes()
+
+    def cache_step():  # one decode step on a cache that keeps its size
+        steady.append(k1, v1)
+        dhsa.decode_attention(q1, steady)
+        steady.crop(Lk)
+
     cases = {
+        "cache_life": (cache_life, (q1, kh, vh)),
+        "cache_step": (cache_step, (q1, k1, v1)),
+        "cache_nan_append": (_raises(ValueError, steady.append, knan[:, :, 4:8].copy(),
+                                     v[:, :, :4].copy()), (knan,)),
         # ---- success paths
         "dense_f32": (lambda: dhsa.dense_attention(q, k, v, window=40, softcap=20.0), (q, k, v)),
         "dense_f16_fortran": (lambda: dhsa.dense_attention(qh, kh, vh, num_threads=1),
@@ -186,7 +211,7 @@ CASES = ["dense_f32", "dense_f16_fortran", "sparse_predicted", "sparse_f16_predi
          "dense_bad_shape", "sparse_bad_selection", "sparse_bad_offsets", "sparse_float_starts",
          "predict_nan_k", "predict_bad_bounds", "predict_bad_option", "count_pairs_bad",
          "config_type_error", "sparse_nan_v_predicted", "core_predict_baseline_method",
-         "check_inputs_nan_k"]
+         "check_inputs_nan_k", "cache_life", "cache_step", "cache_nan_append"]
 
 
 # a third of the calls where an OpenMP team of every core runs (the pair count

@@ -442,7 +442,68 @@ def call_count_pairs(src, rng):
     return "count_pairs", _core.count_pairs, (offsets, starts, ends), kw
 
 
-CALLS = [call_dense, call_sparse, call_predict, call_count_pairs]
+def call_cache(src, rng):
+    """A KVCache through a short random life: appends (any layout, sometimes
+    a wrong shape, dtype or a NaN), decode steps, crops and reorders. Each
+    operation may fail with an allowed error; the cache must stay usable."""
+    B, H, Hkv, _, _, D = base_shape(src)
+    cfg = predict_config(src)
+    if src.chance(0.7):
+        cfg.max_chunks = None
+    half = src.chance(0.3) if not src.chance(src.wild * 3) else src.pick([2, "x", None])
+    dt = np.float16 if half is True else np.float32
+    bm = predict_bmodel(src, rng, cfg, Hkv, D) if src.chance(0.3) else None
+    ops = []
+    n_ops = src.between(1, 8)
+    for i in range(n_ops):
+        op = src.pick(["append"] * 4 + ["decode"] * 3 + ["crop", "reorder"])
+        if i == n_ops - 1 and src.chance(0.7):
+            op = "decode"  # most lives end with a step
+        if op == "append":
+            n = src.pick([1, 1, 2, src.between(1, 60)])
+            adt = dt if not src.chance(src.wild * 4) else src.pick(F_DTYPES)
+            ops.append(("append", tensor(src, rng, (B, Hkv, n, D), adt),
+                        tensor(src, rng, (B, Hkv, n, D), adt)))
+        elif op == "decode":
+            nq = src.pick([1, 1, 2, 3])
+            q = tensor(src, rng, (B, H, nq, D), src.pick([np.float32, np.float32, np.float16]))
+            kw = attention_kwargs(src, 64)
+            kw.pop("causal", None)
+            kw.update(budget=any_int(src, 0, 200), sink=any_int(src, 0, 40),
+                      local=any_int(src, 0, 40))
+            kw["return_info"] = src.chance(0.5)
+            ops.append(("decode", q, kw))
+        elif op == "crop":
+            ops.append(("crop", any_int(src, 0, 120)))
+        else:
+            ops.append(("reorder", index_array(src, [src.between(0, B) for _ in
+                                                    range(src.between(1, 4))])))
+
+    def run(inputs):  # inputs: the arrays, for the unchanged-inputs check
+        c = _core.KVCache(cfg, B, Hkv, D, half, boundary_model=bm)
+        outs, vmax = [], 0.0
+        for op in ops:
+            try:
+                if op[0] == "append":
+                    c.append(op[1], op[2])
+                    vmax = max(vmax, _max_abs(op[2]))
+                elif op[0] == "decode":
+                    res = _core.decode_attention(op[1], c, **op[2])
+                    outs.append((op[1], res, vmax, c.length()))
+                elif op[0] == "crop":
+                    c.crop(op[1])
+                else:
+                    c.reorder(op[1])
+            except ALLOWED:
+                pass
+            assert c.length() >= 0
+        return outs
+
+    arrays = [x for op in ops for x in op[1:] if isinstance(x, np.ndarray)]
+    return "cache", run, (), {"inputs": arrays}
+
+
+CALLS = [call_dense, call_sparse, call_predict, call_count_pairs, call_cache]
 
 # ---- oracles -----------------------------------------------------------------
 
@@ -500,6 +561,15 @@ def check_result(kind, args, kw, res) -> str:
         sel, allowed = res
         assert np.all(sel >= 0) and np.all(sel <= allowed), (sel, allowed)
         return "ok"
+    if kind == "cache":  # every decode step that ran: shape, finite, inside v's hull
+        for q, out, vmax, length in res:
+            if isinstance(out, tuple):
+                out, info = out
+                check_pairs(info)
+                assert np.all(info["starts"] >= 0) and np.all(info["ends"] <= length)
+            assert out.shape == q.shape and np.all(np.isfinite(out)), out.shape
+            assert _max_abs(out) <= vmax * 1.001 + 1e-6, "output outside the convex hull of v"
+        return "ok" if res else "no decode"
     raise AssertionError(kind)
 
 
