@@ -17,6 +17,10 @@ first gap, after the prefill, excluded). Methods:
 - ``dhsa_sparse``: ``DHSAConfig(decode_budget=b)`` (sparse prefill, sparse
   decode from the per-layer KVCache).
 
+Every child runs with OMP_WAIT_POLICY=PASSIVE (unless set otherwise), as
+``python -m dhsa`` does: with PyTorch's OpenMP threads spinning after each
+op, every method's decode step is slower on 2 cores, dhsa's most.
+
 Prefill time is reported too (one prefill, the first stamp).
 
     python benchmarks/bench_generate.py --lengths 8K,16K,32K --new-tokens 16
@@ -112,6 +116,10 @@ def main(argv=None) -> int:
     T = args.threads or machine["cpu"]["usable_cpus"] or os.cpu_count() or 1
     print(common.describe_machine(machine))
     print(f"command: {command}", flush=True)
+    # sleeping OpenMP threads, as `python -m dhsa` sets them: PyTorch's spinning
+    # threads would otherwise take the cores from the C core's (and each other's)
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     rows = []
     for L in common.parse_lengths(args.lengths):
         by = {}
@@ -119,7 +127,7 @@ def main(argv=None) -> int:
             spec = {"method": m, "L": L, "new_tokens": args.new_tokens, "budget": args.budget,
                     "decode_budget": args.decode_budget, "threads": T, "seed": args.seed}
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
-                                   json.dumps(spec)], capture_output=True, text=True)
+                                   json.dumps(spec)], capture_output=True, text=True, env=env)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode != 0 or not lines:
                 raise RuntimeError(f"{m} at L={L} failed:\n{proc.stderr[-3000:]}")
@@ -145,7 +153,7 @@ def main(argv=None) -> int:
     common.write_results(NAME, machine=machine, command=command, started=started,
                          config={"lengths": args.lengths, "new_tokens": args.new_tokens,
                                  "budget": args.budget, "decode_budget": args.decode_budget,
-                                 "threads": T},
+                                 "threads": T, "OMP_WAIT_POLICY": env["OMP_WAIT_POLICY"]},
                          rows=rows, tables=[("Generation", rows, cols)], notes=notes,
                          out=args.out)
     return 0

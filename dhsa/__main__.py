@@ -14,9 +14,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 from typing import Dict, List, Optional, Tuple
+
+# PyTorch's OpenMP threads spin for a while after every op, on the cores the
+# C core's team wakes on next (a decode step ran 1.7x slower so on 2 cores);
+# sleeping threads cost a wake-up per op instead. Read when the OpenMP
+# runtimes load, so before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "demo": ("dhsa.harness.demo", "pass-key retrieval on SmolLM2 or Gemma-3: exact attention vs DHSA"),

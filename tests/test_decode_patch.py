@@ -150,3 +150,13 @@ def test_unpatch_drops_the_states():
     assert len(handle.decode_states) == 2
     dhsa.unpatch(model)
     assert len(handle.decode_states) == 0
+
+
+def test_decode_threads_are_validated_and_used():
+    model = build("llama")
+    with pytest.raises(ValueError, match="decode_threads"):
+        patching.patch(model, FULL_DECODE, decode_threads=0)
+    handle = patching.patch(model, FULL_DECODE, decode_threads=None, num_threads=2)
+    assert handle.decode_threads is None  # the one-query calls take num_threads
+    patching.patch(model, FULL_DECODE)
+    assert handle.decode_threads == 1

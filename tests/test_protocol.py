@@ -263,3 +263,42 @@ def test_variants_are_matched_like_their_method():
         assert cfg.method == method
         assert all(getattr(cfg, f) == v for f, v in changes.items())
         assert dhsa.predict_selection(q, k, cfg).density == pytest.approx(0.125, abs=0.003)
+
+
+# ---- sparse decode ---------------------------------------------------------------
+
+def test_a_full_decode_budget_answers_like_exact_decode(runner):
+    ids = _ids(7)
+    exact = runner.answer(ids, None, max_new_tokens=6)
+    got = runner.answer(ids, None, max_new_tokens=6, decode_budget=4096, step_tail=20)
+    assert got["tokens"] == exact["tokens"]
+    assert got["decode_density"] == 1.0 and got["decode_rebuilds"] == 0
+    cfg = matched_config("dhsa", 0.25, L_TEST)
+    small = runner.answer(ids, cfg, max_new_tokens=6, decode_budget=300, step_tail=20)
+    assert small["decode_density"] < 300 / L_TEST + 0.01
+    assert 0.2 < small["density"] < 0.3  # the prefill's, over what it prefilled
+    with pytest.raises(ValueError, match="decode_budget"):
+        runner.answer(ids, None, max_new_tokens=2, step_tail=5)
+    with pytest.raises(ValueError, match="tail"):
+        runner.answer(ids, cfg, max_new_tokens=2, tail=8, decode_budget=300)
+
+
+def test_decode_continuation_is_exact_at_a_full_budget_and_causal_at_a_small_one(runner):
+    ids = _ids(8)
+    prefix, cont = ids[:-48], ids[-48:]
+    exact = runner.causal_nll(prefix, cont, None)["nll"]
+    full = runner.causal_nll(prefix, cont, None, continuation="decode", decode_budget=4096)
+    np.testing.assert_allclose(full["nll"], exact, rtol=2e-4, atol=2e-4)
+    assert full["decode_density"] == 1.0
+    cfg = matched_config("dhsa", 0.25, L_TEST)
+    base = runner.causal_nll(prefix, cont, cfg, continuation="decode", decode_budget=256)
+    assert base["decode_density"] < 0.2
+    for j in (3, 30):
+        changed = list(cont)
+        changed[j] = (changed[j] % 255) + 1
+        nll = runner.causal_nll(prefix, changed, cfg, continuation="decode",
+                                decode_budget=256)["nll"]
+        np.testing.assert_allclose(nll[:j], base["nll"][:j], rtol=1e-6, atol=1e-7)
+        assert nll[j] != base["nll"][j]
+    with pytest.raises(ValueError, match="decode"):
+        runner.causal_nll(prefix, cont, cfg, continuation="decode")

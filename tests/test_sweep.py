@@ -103,6 +103,31 @@ def test_sweep_appends_resumes_and_summarizes(tiny, tmp_path):
     assert paths and all(p.stat().st_size > 1000 for p in paths)
 
 
+def test_decode_budgets_add_sparse_decode_cells(tiny, tmp_path):
+    grid = dict(tasks=["passkey", "ppl"], methods=["dense", "dhsa", "vertical_slash"], tails=[0],
+                protocols=["exact"], samples=1, decode_budgets=[512])
+    cells = sweep._plan(**{**GRID, **grid})
+    dec = [c for c in cells if c.get("decode_budget")]
+    # dense and dhsa, both tasks; vertical_slash picks keys from a prefill's last queries
+    assert sorted((c["task"], c["method"]) for c in dec) == [
+        ("passkey", "dense"), ("passkey", "dhsa"), ("ppl", "dense"), ("ppl", "dhsa")]
+    assert {c["protocol"] for c in dec} == {"decode"}
+    out = tmp_path / "d.jsonl"
+    rows = _run(tiny, out, **grid)
+    got = [r for r in rows if r["protocol"] == "decode"]
+    assert len(got) == 4 and all(r["decode_budget"] == 512 for r in got)
+    assert all(r["decode_density"] <= 512 / (2048 - sweep.PPL_SCORED) + 0.01  # fewest keys seen
+               and r["decode_rebuilds"] == 0
+               for r in got)
+    assert all(r["decode_budget"] is None for r in rows if r["protocol"] != "decode")
+    entries = sweep.summarize_sweep(sweep.read_jsonl(out))
+    dd = [e for e in entries if e["method"] == "dense" and e["protocol"] == "decode"]
+    assert dd and all(e["n_paired"] == 1 for e in dd)  # paired with exact dense
+    md = sweep.markdown_table(entries)
+    assert "sparse decode 512" in md
+    assert _run(tiny, out, **grid) == []  # resumes
+
+
 def test_other_prompts_are_other_cells(tiny, tmp_path):
     """Another seed makes other prompts: nothing is skipped or paired across them."""
     out = tmp_path / "s.jsonl"

@@ -17,6 +17,13 @@ also the "dense" method) and a method's :class:`~dhsa.DHSAConfig`.
   which is what a sparse decode step would see. A query block's mean query
   never mixes a scored token with a later one, so no loss depends on a later
   token (``tests/test_protocol.py`` changes future tokens to check it).
+- Sparse decode (``decode_budget=N``): the method's prefill fills each
+  layer's :class:`dhsa.KVCache` and every one-token step after it reads N
+  keys of it (:func:`dhsa.decode_attention`); for "dense" the prefill is
+  exact. ``answer(step_tail=n)`` feeds the last n prompt tokens (the
+  question) through decode steps one at a time, as Quest evaluates;
+  ``causal_nll(continuation="decode")`` scores every continuation token
+  through a decode step.
 - :meth:`Runner.leaky_nll`: one forward over everything, every position
   scored: block selection then lets token t+1's query shape what position
   t sees. Kept only as a labelled comparison.
@@ -37,8 +44,17 @@ import numpy as np
 from ..config import DHSAConfig
 from ..rules import block_geometry, budget_clamp, forced_ranges, in_dense_tail
 
-__all__ = ["Runner", "VARIANTS", "achieved_density", "forced_keys", "matched_config",
-           "per_query_config"]
+__all__ = ["Runner", "VARIANTS", "EXACT_PREFILL", "achieved_density", "forced_keys",
+           "matched_config", "per_query_config", "with_decode"]
+
+#: a config whose prefill runs exact (every key fits its budget) but, given a
+#: decode_budget, fills the layers' KV caches: "dense" under sparse decode
+EXACT_PREFILL = DHSAConfig(budget=2**31 - 1)
+
+
+def with_decode(cfg: Optional[DHSAConfig], decode_budget: int) -> DHSAConfig:
+    """The method's config (exact prefill for None) with sparse decode."""
+    return (EXACT_PREFILL if cfg is None else cfg).replace(decode_budget=int(decode_budget))
 
 #: methods whose selection of a one-query block depends on that query and its past only
 PER_QUERY_CAUSAL = ("dhsa", "block_topk", "streaming", "oracle")
@@ -190,6 +206,11 @@ class Runner:
         return sorted({r.layer for r in self.handle.stats if r.path == "sparse"
                        and r.layer is not None})
 
+    def _decode_density(self) -> Optional[float]:
+        """Mean density of the sparse decode steps since the method was set."""
+        d = [r.density for r in self.handle.stats if r.reason == "sparse decode"]
+        return float(np.mean(d)) if d else None
+
     def _density(self) -> Optional[float]:
         """Mean density of the sparse-path calls since the method was set; None
         when none ran sparse (every layer dense or exact)."""
@@ -209,16 +230,27 @@ class Runner:
 
     # -- retrieval -----------------------------------------------------------------
     def answer(self, prompt_ids: Sequence[int], cfg: Optional[DHSAConfig], *,
-               max_new_tokens: int, tail: int = 0, eos_token_id=None) -> Dict:
+               max_new_tokens: int, tail: int = 0, eos_token_id=None,
+               decode_budget: Optional[int] = None, step_tail: int = 0) -> Dict:
         """Greedy answer to a prompt: {tokens, text (if a tokenizer was given),
         density (of the method's prefill over the layers that ran sparse; 1.0
         for exact attention, None if no layer ran sparse), sparse_layers (those
         layers), prefill_seconds, seconds}. ``cfg`` None is exact attention; ``tail`` > 0 prefills the
-        last ``tail`` prompt tokens exactly."""
+        last ``tail`` prompt tokens exactly. ``decode_budget``: the answer (and
+        the last ``step_tail`` prompt tokens, one step each) through sparse
+        decode; the result then holds ``decode_density``."""
         t0 = time.perf_counter()
         ids = list(prompt_ids)
-        if tail < 0:
-            raise ValueError(f"tail must be >= 0, got {tail}")
+        if tail < 0 or step_tail < 0:
+            raise ValueError(f"tail and step_tail must be >= 0, got {tail}, {step_tail}")
+        if decode_budget is not None:
+            return self._answer_decoding(ids, with_decode(cfg, decode_budget),
+                                         max_new_tokens=max_new_tokens, tail=tail,
+                                         step_tail=step_tail, eos_token_id=eos_token_id, t0=t0,
+                                         exact_prefill=cfg is None)
+        if step_tail:
+            raise ValueError("step_tail feeds the question through sparse decode steps: it "
+                             "needs a decode_budget")
         density: Optional[float] = 1.0
         sparse_layers: List[int] = []
         if cfg is None:
@@ -238,6 +270,37 @@ class Runner:
             past, logits = self._forward(ids[-tail:], past)
         self._exact()
         t1 = time.perf_counter()
+        toks = self._greedy(past, logits, max_new_tokens, eos_token_id)
+        return self._answered(toks, density=density, sparse_layers=sparse_layers,
+                              prefill_seconds=t1 - t0, seconds=time.perf_counter() - t0)
+
+    def _answer_decoding(self, ids: List[int], dcfg: DHSAConfig, *, max_new_tokens, tail,
+                         step_tail, eos_token_id, t0, exact_prefill) -> Dict:
+        """answer() under sparse decode: prefill, question steps, answer steps."""
+        if tail:
+            raise ValueError("a dense tail and sparse decode do not combine: give one of them")
+        if step_tail >= len(ids):
+            raise ValueError(f"step_tail ({step_tail}) must be shorter than the prompt "
+                             f"({len(ids)})")
+        self.handle.decode_states.clear()
+        self._method(dcfg)
+        past, logits = self._forward(ids[:len(ids) - step_tail])
+        density = 1.0 if exact_prefill else self._density()
+        sparse_layers = self._sparse_layers()
+        t1 = time.perf_counter()
+        self.handle.reset()  # from here on: decode steps only
+        for t in ids[len(ids) - step_tail:]:
+            past, logits = self._forward([t], past)
+        toks = self._greedy(past, logits, max_new_tokens, eos_token_id)
+        out = self._answered(toks, density=density, sparse_layers=sparse_layers,
+                             prefill_seconds=t1 - t0, seconds=time.perf_counter() - t0)
+        out["decode_density"] = self._decode_density()
+        out["decode_rebuilds"] = self.handle.decode_states.rebuilds
+        self._exact()
+        return out
+
+    def _greedy(self, past, logits, max_new_tokens: int, eos_token_id) -> List[int]:
+        """Greedy tokens from the logits after the prompt, with the attention set now."""
         if eos_token_id is None:
             eos_token_id = getattr(self.model.config, "eos_token_id", None)
         stop = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else
@@ -249,26 +312,36 @@ class Runner:
             if t in stop or i == max_new_tokens - 1:
                 break
             past, logits = self._forward([t], past)
-        out = {"tokens": toks, "density": density, "sparse_layers": sparse_layers,
-               "prefill_seconds": t1 - t0, "seconds": time.perf_counter() - t0}
+        return toks
+
+    def _answered(self, toks: List[int], **fields) -> Dict:
+        out = {"tokens": toks, **fields}
         if self.tokenizer is not None:
             out["text"] = " ".join(self.tokenizer.decode(toks, skip_special_tokens=True).split())
         return out
 
     # -- losses --------------------------------------------------------------------
     def causal_nll(self, prefix_ids: Sequence[int], continuation_ids: Sequence[int],
-                   cfg: Optional[DHSAConfig], *, continuation: str = "exact") -> Dict:
+                   cfg: Optional[DHSAConfig], *, continuation: str = "exact",
+                   decode_budget: Optional[int] = None) -> Dict:
         """Per-token loss of ``continuation_ids`` after ``prefix_ids``, each
         token seeing only its past: {nll (array, one per continuation token),
         density (of the prefix prefill; None if no layer ran sparse), seconds,
         and for ``continuation="sparse"`` the continuation_density}.
         ``continuation``: "exact" or "sparse" (the method, one selection per
-        query)."""
-        if continuation not in ("exact", "sparse"):
-            raise ValueError(f"continuation must be 'exact' or 'sparse', got {continuation!r}")
+        query), or "decode": one sparse decode step per token with
+        ``decode_budget`` keys (the result holds its ``decode_density``)."""
+        if continuation not in ("exact", "sparse", "decode"):
+            raise ValueError(f"continuation must be 'exact', 'sparse' or 'decode', got "
+                             f"{continuation!r}")
+        if (continuation == "decode") != (decode_budget is not None):
+            raise ValueError("continuation='decode' and decode_budget go together")
         cont, prefix_ids = list(continuation_ids), list(prefix_ids)
         if not cont or not prefix_ids:
             raise ValueError("causal_nll needs a non-empty prefix and continuation")
+        if continuation == "decode":
+            return self._nll_decoding(prefix_ids, cont, with_decode(cfg, decode_budget),
+                                      exact_prefill=cfg is None)
         per_query = (per_query_config(cfg) if cfg is not None and continuation == "sparse"
                      else None)
         import torch
@@ -294,6 +367,26 @@ class Runner:
             first = torch.cat([first, rest], dim=0)
         self._exact()
         nll = _nll_of(first, torch.tensor(cont, dtype=torch.long))
+        return {"nll": nll, "density": density, "seconds": time.perf_counter() - t0, **out}
+
+    def _nll_decoding(self, prefix_ids: List[int], cont: List[int], dcfg: DHSAConfig, *,
+                      exact_prefill: bool) -> Dict:
+        """causal_nll() with every continuation token through a sparse decode step."""
+        import torch
+        t0 = time.perf_counter()
+        self.handle.decode_states.clear()
+        self._method(dcfg)
+        past, logits = self._forward(prefix_ids)
+        density = 1.0 if exact_prefill else self._density()
+        self.handle.reset()
+        rows = [logits[-1:]]
+        for t in cont[:-1]:
+            past, logits = self._forward([t], past)
+            rows.append(logits[-1:])
+        out = {"decode_density": self._decode_density(),
+               "decode_rebuilds": self.handle.decode_states.rebuilds}
+        self._exact()
+        nll = _nll_of(torch.cat(rows, dim=0), torch.tensor(cont, dtype=torch.long))
         return {"nll": nll, "density": density, "seconds": time.perf_counter() - t0, **out}
 
     def leaky_nll(self, ids: Sequence[int], cfg: Optional[DHSAConfig]) -> Dict:

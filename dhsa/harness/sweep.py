@@ -43,7 +43,10 @@ SWEEP_METHODS = ("dense", "dhsa", "dhsa_max", "block_topk", "streaming", "vertic
 PPL_SCORED = 256
 #: fields that say what a cell ran (the rest of a row is what it measured)
 KEY_FIELDS = ("model", "task", "haystack", "length", "sample", "method", "density_target",
-              "tail", "protocol", "prompt_hash")
+              "tail", "protocol", "prompt_hash", "decode_budget")
+#: prompt tokens (the question) a sparse-decode retrieval cell feeds one step
+#: at a time after the prefill, as Quest evaluates
+STEP_TAIL = 32
 
 
 # ---- rows on disk ----------------------------------------------------------------
@@ -132,9 +135,12 @@ def _build_prompt(task: str, tokenizer, fmt: str, length: int, i: int, samples: 
 
 # ---- the sweep -------------------------------------------------------------------
 
-def _plan(tasks, lengths, samples, methods, densities, tails, protocols) -> List[Dict]:
+def _plan(tasks, lengths, samples, methods, densities, tails, protocols,
+          decode_budgets=()) -> List[Dict]:
     """Every cell of the grid, in run order: by length, task, sample, then methods
-    (so that one prompt serves all its methods)."""
+    (so that one prompt serves all its methods). Each decode budget adds a
+    cell per method and density with protocol "decode": the method's prefill,
+    then sparse decode (dense: an exact prefill, then sparse decode)."""
     cells = []
     for L in lengths:
         for task in tasks:
@@ -151,6 +157,12 @@ def _plan(tasks, lengths, samples, methods, densities, tails, protocols) -> List
                             for tail in ([0] if m == "dense" else tails):
                                 cells.append(dict(task=task, length=L, sample=i, method=m,
                                                   density_target=rho, tail=tail, protocol=None))
+                        for b in decode_budgets:
+                            if m == "vertical_slash":
+                                continue  # its keys come from the last queries of a prefill
+                            cells.append(dict(task=task, length=L, sample=i, method=m,
+                                              density_target=rho, tail=0, protocol="decode",
+                                              decode_budget=int(b)))
     return cells
 
 
@@ -162,15 +174,19 @@ def _prefilled(cell: Dict, p: _Prompt) -> int:
 def _run_cell(runner, cell: Dict, p: _Prompt, cfg) -> Dict:
     """What one cell measured: score, density, time (and the answer for retrieval)."""
     from .tasks import score_output
+    budget = cell.get("decode_budget")
     if p.sample is None or p.sample.scoring == "loss":
-        r = runner.causal_nll(p.prefix, p.continuation, cfg, continuation=cell["protocol"])
+        r = runner.causal_nll(p.prefix, p.continuation, cfg, continuation=cell["protocol"],
+                              decode_budget=budget)
         out = dict(score=float(np.mean(r["nll"])), scoring="loss",
                    scored_tokens=len(p.continuation))
         if "continuation_density" in r:
             out["continuation_density"] = r["continuation_density"]
     else:
         s = p.sample
-        r = runner.answer(s.prompt_ids, cfg, max_new_tokens=s.max_new_tokens, tail=cell["tail"])
+        steps = min(STEP_TAIL, len(s.prompt_ids) // 2) if budget else 0
+        r = runner.answer(s.prompt_ids, cfg, max_new_tokens=s.max_new_tokens, tail=cell["tail"],
+                          decode_budget=budget, step_tail=steps)
         out = dict(score=score_output(s, r["text"]), scoring=s.scoring, output=r["text"],
                    answers=s.answers)
         ref = s.meta.get("rouge_reference")
@@ -178,6 +194,8 @@ def _run_cell(runner, cell: Dict, p: _Prompt, cfg) -> Dict:
             from .eval import rouge1_f1
             out["rouge1"] = rouge1_f1(r["text"], ref)
     out.update(density=r["density"], seconds=r["seconds"])
+    if budget:
+        out.update(decode_density=r["decode_density"], decode_rebuilds=r["decode_rebuilds"])
     return out
 
 
@@ -185,6 +203,7 @@ def run_sweep(model_name: str, *, tasks: Sequence[str], lengths: Sequence[int], 
               methods: Sequence[str], densities: Sequence[float], tails: Sequence[int] = (0,),
               protocols: Sequence[str] = ("exact",), haystack: str = "noise",
               haystack_dir: Optional[str] = None, out: str, seed: int = 0,
+              decode_budgets: Sequence[int] = (),
               num_threads: Optional[int] = None, model=None, tokenizer=None,
               command: str = "", progress: bool = True, log=print) -> List[Dict]:
     """Run the cells of the grid not yet in ``out`` (JSONL), appending each
@@ -205,7 +224,9 @@ def run_sweep(model_name: str, *, tasks: Sequence[str], lengths: Sequence[int], 
     prompts: Dict[Tuple, _Prompt] = {}
     todo, configs = [], {}
     done = {cell_key(r) for r in read_jsonl(out)}
-    cells = _plan(tasks, lengths, samples, methods, densities, tails, protocols)
+    if any(b < 1 for b in decode_budgets):
+        raise ValueError(f"decode budgets must be >= 1, got {list(decode_budgets)}")
+    cells = _plan(tasks, lengths, samples, methods, densities, tails, protocols, decode_budgets)
     for c in cells:  # every prompt and config first: a grid that cannot run fails now
         pk = (c["task"], c["length"], c["sample"])
         if pk not in prompts:
@@ -219,7 +240,8 @@ def run_sweep(model_name: str, *, tasks: Sequence[str], lengths: Sequence[int], 
         if ck not in configs:
             configs[ck] = matched_config(c["method"], c["density_target"], ck[2]) \
                 if c["method"] != "dense" else None
-        row = {"model": model_name, **c, "haystack": p.haystack, "prompt_hash": p.hash}
+        row = {"model": model_name, "decode_budget": None, **c, "haystack": p.haystack,
+               "prompt_hash": p.hash}
         if cell_key(row) not in done:
             todo.append((row, p, configs[ck]))
     log(f"[tasks] {len(cells)} cells, {len(cells) - len(todo)} already in {out}, "
@@ -267,7 +289,7 @@ def run_sweep(model_name: str, *, tasks: Sequence[str], lengths: Sequence[int], 
 # ---- the table -------------------------------------------------------------------
 
 GROUP_FIELDS = ("model", "task", "haystack", "length", "method", "density_target", "tail",
-                "protocol")
+                "protocol", "decode_budget")
 
 
 def _depth_bin(depth: float) -> int:
@@ -316,7 +338,7 @@ def summarize_sweep(rows: Iterable[Dict]) -> List[Dict]:
         groups[tuple(r.get(f) for f in GROUP_FIELDS)].append(r)
     dense: Dict[Tuple, Dict[str, float]] = defaultdict(dict)
     for r in rows:
-        if r["method"] == "dense" and r.get("prompt_hash"):
+        if r["method"] == "dense" and r.get("prompt_hash") and r.get("protocol") != "decode":
             dense[(r["model"], r["task"], r["haystack"], r["length"])][r["prompt_hash"]] = r["score"]
     out = []
     for k, rs in sorted(groups.items(), key=lambda kv: [str(x) for x in kv[0]]):
@@ -333,7 +355,11 @@ def summarize_sweep(rows: Iterable[Dict]) -> List[Dict]:
             entry["continuation_density"] = float(np.mean(cont))
         if "rouge1" in rs[0]:
             entry["rouge1_x10"] = 10.0 * float(np.mean([r.get("rouge1", 0.0) for r in rs]))
-        ref = dense.get(k[:4], {}) if k[4] != "dense" else {}
+        decode_density = [r["decode_density"] for r in rs if r.get("decode_density") is not None]
+        if decode_density:
+            entry["decode_density"] = float(np.mean(decode_density))
+        # the reference is exact dense attention (so dense under sparse decode has one)
+        ref = dense.get(k[:4], {}) if (k[4] != "dense" or k[7] == "decode") else {}
         entry.update(_paired(rs, ref, scoring))
         if rs[0].get("depth") is not None:
             entry["by_depth"] = []
@@ -389,21 +415,32 @@ def markdown_table(entries: Sequence[Dict]) -> str:
     dense: Dict[Tuple, Dict] = {}
     for e in entries:
         base = (e["model"], e["task"], e["haystack"], e["length"])
-        if e["method"] == "dense":
+        if e["method"] == "dense" and e["protocol"] != "decode":
             dense[base] = e
-        else:
-            by[base + (e["density_target"], e["tail"], e["protocol"])][e["method"]] = e
+        else:  # dense under sparse decode: a row of its own, beside the methods'
+            by[base + (e["density_target"], e["tail"], e["protocol"],
+                       e.get("decode_budget"))][e["method"]] = e
+    for key in [k for k in by if k[6] == "decode"]:  # decode rows carry every density's dense
+        for k2 in by:
+            if k2[:4] == key[:4] and k2[6] == "decode" and k2[7] == key[7] and k2[4] is None:
+                by[key].setdefault("dense", by[k2]["dense"])
     for base in dense:  # a dense-only sweep still gets its rows
         if not any(k[:4] == base for k in by):
-            by[base + (None, 0, None)] = {}
+            by[base + (None, 0, None, None)] = {}
     head = ["model", "task", "L", "density target", "tail / scoring", "n"] + methods
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for k in sorted(by, key=lambda k: (k[0], k[1], k[2], k[3], k[4] or 0, k[5], str(k[6]))):
+    for k in sorted(by, key=lambda k: (k[0], k[1], k[2], k[3], k[4] or 0, k[5], str(k[6]),
+                                       k[7] or 0)):
+        if k[6] == "decode" and k[4] is None and any(
+                k2[:4] == k[:4] and k2[6] == "decode" and k2[7] == k[7] and k2[4] is not None
+                for k2 in by):
+            continue  # shown in the decode rows of the densities
         row = dict(by[k])
-        if k[:4] in dense:
+        if k[:4] in dense and "dense" not in row:
             row["dense"] = dense[k[:4]]
         n = max(e["n"] for e in row.values())
-        how = f"{k[6]} continuation" if k[6] else f"tail {k[5]}" if k[5] else "no tail"
+        how = (f"sparse decode {k[7]}" if k[6] == "decode" else f"{k[6]} continuation" if k[6]
+               else f"tail {k[5]}" if k[5] else "no tail")
         cells = [_fmt_cell(row[m], k[4], n) if m in row else "-" for m in methods]
         rho = "-" if k[4] is None else f"{k[4]:.3f}"
         lines.append("| " + " | ".join([k[0], k[1], str(k[3]), rho, how, str(n)] + cells) + " |")
@@ -462,6 +499,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocols", nargs="+", default=["exact"], choices=["exact", "sparse"],
                    help="how copy / ppl continuations are scored after the method's prefill: "
                         "exact attention, or the method with one selection per query")
+    p.add_argument("--decode-budgets", type=int, nargs="+", default=[],
+                   help="also run every method with sparse decode of this many keys per step "
+                        "(retrieval: the question's last %d prompt tokens and the answer through "
+                        "decode steps; copy / ppl: every scored token one step) - dense gets an "
+                        "exact prefill and sparse decode" % STEP_TAIL)
     p.add_argument("--haystack", choices=HAYSTACKS, default="noise",
                    help="noise sentences or essay text (passkey always uses noise)")
     p.add_argument("--haystack-dir", default=None,
@@ -485,6 +527,7 @@ def run(args: argparse.Namespace) -> int:
                   methods=args.methods, densities=args.densities, tails=args.tails,
                   protocols=args.protocols, haystack=args.haystack,
                   haystack_dir=args.haystack_dir, out=args.out, seed=args.seed,
+                  decode_budgets=args.decode_budgets,
                   num_threads=args.threads, command=" ".join(["python -m dhsa"] + sys.argv[1:]),
                   progress=not args.no_progress)
     except ValueError as exc:

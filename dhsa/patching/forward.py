@@ -89,6 +89,7 @@ class _Plan:
     softcap: Optional[float]
     window: Optional[int]
     threads: Optional[int]
+    decode_threads: Optional[int]  # one-query calls
     head_configs: Optional[Tuple[DHSAConfig, ...]] = None  # per KV head (a calibration)
     boundary_model: Optional[np.ndarray] = None  # (Hkv, 2 D + 6): learned boundaries
 
@@ -157,7 +158,8 @@ def _attend(plan: _Plan, stats: CallStats, qi: np.ndarray, ki: np.ndarray,
                   else "fits budget")
         t0 = time.perf_counter()
         o = dense_attention(qi, ki, vi, causal=plan.causal, scale=plan.scale,
-                            softcap=plan.softcap, window=win, num_threads=plan.threads)
+                            softcap=plan.softcap, window=win,
+                            num_threads=plan.decode_threads if nq == 1 else plan.threads)
         stats.dense("decode" if nq == 1 else "dense", reason, weight, time.perf_counter() - t0)
         return o
     return _sparse(plan, stats, qi, ki, vi, win, weight)
@@ -192,7 +194,9 @@ def dhsa_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
                  float(scaling) if scaling is not None else 1.0 / math.sqrt(D),
                  float(softcap) if softcap is not None and float(softcap) > 0 else None,
                  int(sliding_window) if sliding_window is not None and int(sliding_window) > 0
-                 else None, handle.num_threads, heads, bmodel)
+                 else None, handle.num_threads,
+                 handle.decode_threads if handle.decode_threads is not None else handle.num_threads,
+                 heads, bmodel)
     spans, padded, how = key_spans(attention_mask, key, value, Lq, causal, plan.window)
 
     def record(path, density, predict, attention, padded, reason, selection=None):
@@ -219,11 +223,12 @@ def dhsa_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
         ke = spans[0][1]
         cache = handle.decode_states.sync(layer if layer is not None else name, cfg, bmodel,
                                           kn[:, :, :ke], vn[:, :, :ke], Lq,
-                                          num_threads=plan.threads)
+                                          num_threads=plan.decode_threads if Lq == 1
+                                          else plan.threads)
         if Lq == 1:
             out_np, info = handle.decode_states.decode(
                 cache, qn, scale=plan.scale, softcap=plan.softcap, window=plan.window,
-                num_threads=plan.threads)
+                num_threads=plan.decode_threads)
             result = torch.from_numpy(out_np).to(query.dtype).transpose(1, 2).contiguous()
             record("decode", info.density, info.select_seconds, info.attention_seconds, False,
                    "sparse decode")

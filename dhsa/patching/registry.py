@@ -87,7 +87,7 @@ class PatchHandle:
                  dense_layers: Iterable = (), layer_configs: Optional[Mapping] = None,
                  dense_when_fits: bool = True, sparse_sliding: bool = False,
                  num_threads: Optional[int] = None, keep_selections: Iterable = (),
-                 record: bool = True) -> None:
+                 record: bool = True, decode_threads: Optional[int] = 1) -> None:
         self.model = model
         self.modules: "OrderedDict[str, nn.Module]" = OrderedDict()
         self._previous: List[Tuple[Any, Any]] = []
@@ -98,13 +98,15 @@ class PatchHandle:
         self.decode_states = DecodeStates()
         self.configure(config, dense_layers=dense_layers, layer_configs=layer_configs,
                        dense_when_fits=dense_when_fits, sparse_sliding=sparse_sliding,
-                       num_threads=num_threads, keep_selections=keep_selections, record=record)
+                       num_threads=num_threads, keep_selections=keep_selections, record=record,
+                       decode_threads=decode_threads)
 
     # -- configuration ----------------------------------------------------------------
     def configure(self, config: Optional[DHSAConfig] = None, *, dense_layers: Iterable = (),
                   layer_configs: Optional[Mapping] = None, dense_when_fits: bool = True,
                   sparse_sliding: bool = False, num_threads: Optional[int] = None,
-                  keep_selections: Iterable = (), record: bool = True) -> None:
+                  keep_selections: Iterable = (), record: bool = True,
+                  decode_threads: Optional[int] = 1) -> None:
         config = DHSAConfig() if config is None else config
         if not isinstance(config, DHSAConfig):
             raise TypeError(f"config must be a dhsa.DHSAConfig or None, got {type(config).__name__}")
@@ -119,12 +121,17 @@ class PatchHandle:
             _check_layer_key(key, "dense_layers")
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+        if decode_threads is not None and (not isinstance(decode_threads, int)
+                                           or decode_threads < 1):
+            raise ValueError(f"decode_threads must be a positive int or None, got "
+                             f"{decode_threads!r}")
         self.config = config
         self.dense_layers = dense
         self.layer_configs = overrides
         self.dense_when_fits = bool(dense_when_fits)
         self.sparse_sliding = bool(sparse_sliding)
         self.num_threads = num_threads
+        self.decode_threads = decode_threads
         self.keep_selections = frozenset(keep_selections)
         self.record = bool(record)
 
@@ -301,7 +308,8 @@ def patch(model: nn.Module, config: Optional[DHSAConfig] = None, *, dense_layers
           layer_configs: Optional[Mapping[Union[int, str], DHSAConfig]] = None,
           dense_when_fits: bool = True, sparse_sliding: bool = False,
           num_threads: Optional[int] = None, keep_selections: Iterable = (),
-          record: bool = True, verify: bool = False) -> PatchHandle:
+          record: bool = True, verify: bool = False,
+          decode_threads: Optional[int] = 1) -> PatchHandle:
     """Switch a transformers model (and all its sub-configs) to DHSA attention.
 
     ``config``: the DHSAConfig of every layer (default ``DHSAConfig()``);
@@ -312,6 +320,10 @@ def patch(model: nn.Module, config: Optional[DHSAConfig] = None, *, dense_layers
     ``sparse_sliding``: let sliding-window layers run the sparse path too
     (default: they run the exact windowed kernel, O(L * window), so only the
     full-attention layers pay for and use a prediction); ``num_threads``: threads of the C core (default: all);
+    ``decode_threads``: threads of a one-query call (a decode step; default 1,
+    None: ``num_threads``) - a step's attention is a small job, and PyTorch's
+    own OpenMP threads, still spinning after the layer's matrix products,
+    would take the cores a team of ours wakes on;
     ``keep_selections``: layers whose Selection objects are kept in the
     stats records (for pictures); ``record``: keep per-call records (call
     counts are always kept); ``verify``: run an 8-token probe forward and
@@ -337,7 +349,8 @@ def patch(model: nn.Module, config: Optional[DHSAConfig] = None, *, dense_layers
 
     options = dict(dense_layers=dense_layers, layer_configs=layer_configs,
                    dense_when_fits=dense_when_fits, sparse_sliding=sparse_sliding,
-                   num_threads=num_threads, keep_selections=keep_selections, record=record)
+                   num_threads=num_threads, keep_selections=keep_selections, record=record,
+                   decode_threads=decode_threads)
     handle = get_handle(model)
     if handle is not None and handle.active:
         handle.configure(config, **options)
