@@ -140,7 +140,15 @@ def test_static_cache_decode():
     handle = patching.patch(model, FULL_DECODE)
     got = generate(model, ids, n=6, cache_implementation="static")
     assert torch.equal(got, want)
-    assert any(r.reason == "sparse decode" for r in handle.stats)
+    # every step read the layer's cache (the static cache's empty slots left out)
+    steps = decode_records(handle)
+    assert len(steps) == 2 * 5 and all(r.reason == "sparse decode" for r in steps)
+    assert handle.decode_states.rebuilds == 0
+    # exact decode from a static cache reads the filled slots in place, head by head
+    patching.patch(model, FULL)
+    handle.reset()
+    assert torch.equal(generate(model, ids, n=6, cache_implementation="static"), want)
+    assert all(r.path == "decode" for r in decode_records(handle))
 
 
 def test_unpatch_drops_the_states():

@@ -157,9 +157,19 @@ def _attend(plan: _Plan, stats: CallStats, qi: np.ndarray, ki: np.ndarray,
                   else "non-causal" if not plan.causal else "sliding window" if sliding
                   else "fits budget")
         t0 = time.perf_counter()
-        o = dense_attention(qi, ki, vi, causal=plan.causal, scale=plan.scale,
-                            softcap=plan.softcap, window=win,
-                            num_threads=plan.decode_threads if nq == 1 else plan.threads)
+        kw = dict(causal=plan.causal, scale=plan.scale, softcap=plan.softcap, window=win,
+                  num_threads=plan.decode_threads if nq == 1 else plan.threads)
+        if nq == 1 and ki.shape[0] == 1 and not ki.flags.c_contiguous:
+            # the filled slots of a static cache: each KV head's rows are
+            # contiguous, the heads are not - one call per head, no copy of K/V
+            o = np.empty(qi.shape, dtype=np.float32)
+            G = qi.shape[1] // ki.shape[1]
+            for g in range(ki.shape[1]):
+                o[:, g * G:(g + 1) * G] = dense_attention(qi[:, g * G:(g + 1) * G],
+                                                          ki[:, g:g + 1], vi[:, g:g + 1], **kw)
+            o = o.astype(qi.dtype, copy=False)
+        else:
+            o = dense_attention(qi, ki, vi, **kw)
         stats.dense("decode" if nq == 1 else "dense", reason, weight, time.perf_counter() - t0)
         return o
     return _sparse(plan, stats, qi, ki, vi, win, weight)
@@ -214,12 +224,13 @@ def dhsa_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
         return result, None
 
     qn, kn, vn = _to_numpy(query), _to_numpy(key), _to_numpy(value)
-    if (_sparse_decode_usable(cfg) and causal and not forced_dense and not padded
+    # one key span [0, ke) shared by the batch (a static cache's empty slots
+    # past ke, reported as padding, are left out)
+    if (_sparse_decode_usable(cfg) and causal and not forced_dense
             and (plan.window is None or handle.sparse_sliding)
             and spans[0] is not None and spans[0][0] == 0 and spans[0][2:] == (0, Lq)
             and all(s == spans[0] for s in spans)):
-        # sparse decode: the layer's KVCache follows every call (prefill too);
-        # a static cache's empty slots past the real keys are left out
+        # sparse decode: the layer's KVCache follows every call (prefill too)
         ke = spans[0][1]
         cache = handle.decode_states.sync(layer if layer is not None else name, cfg, bmodel,
                                           kn[:, :, :ke], vn[:, :, :ke], Lq,
