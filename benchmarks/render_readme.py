@@ -935,6 +935,70 @@ def block_reliability(res: Results) -> str:
             f"The {n_bugs} bugs found, all fixed and covered by regression tests:\n")
 
 
+
+# ----------------------------------------------------------------------------
+# sparse decode
+# ----------------------------------------------------------------------------
+
+def block_bench_decode(res: Results) -> str:
+    doc = res.json("bench_decode")
+    budgets = sorted({r["budget"] for r in doc["rows"]})
+    b = 2048 if 2048 in budgets else budgets[-1]
+    rows = []
+    for r in doc["rows"]:
+        if r["budget"] != b:
+            continue
+        rows.append([f"H={r['H']}, Hkv={r['Hkv']}, D={r['D']}", klen(r["L"]), ms(r["sparse_ms"]),
+                     ms(r["exact_cache_ms"]), ms(r["exact_kernel_ms"]), opt(ms, r.get("torch_ms")),
+                     times(r["speedup_vs_exact_kernel"], 1),
+                     opt(lambda x: times(x, 1), r.get("speedup_vs_torch")),
+                     share(r["state_frac"])])
+    threads = "/".join(str(t) for t in sorted({r["threads"] for r in doc["rows"]}))
+    head = (f"**One decode step** (one query over a cache of L keys, {threads} threads, "
+            f"{doc['config'].get('dtype', 'float32')} K/V; decode budget {klen(b)}; ms per step):"
+            f"\n\n")
+    text = table(["shape", "L", "sparse", "exact, from the cache", "exact kernel", "torch SDPA",
+                  "× exact kernel", "× torch", "chunk state / K-V"], rows, "lrrrrrrrr")
+    notes = []
+    for shape in dict.fromkeys((r["H"], r["Hkv"], r["D"]) for r in doc["rows"]):
+        at = [r for r in doc["rows"] if (r["H"], r["Hkv"], r["D"]) == shape]
+        L = max(r["L"] for r in at)
+        one = {r["budget"]: r for r in at if r["L"] == L}
+        app = span([r["append1_ms"] * 1e3 for r in at], lambda x: f"{x:.0f}", " µs")
+        fill = max(at, key=lambda r: r["L"])
+        notes.append(f"H={shape[0]}, Hkv={shape[1]}, D={shape[2]}: at {klen(L)} a step takes "
+                     + ", ".join(f"{ms(one[x]['sparse_ms'])} ms at budget {klen(x)} "
+                                 f"({times(one[x]['speedup_vs_exact_kernel'], 1)} the exact "
+                                 f"kernel)" for x in sorted(one))
+                     + f"; appending a token costs {app}, chunking {klen(fill['L'])} keys at once "
+                       f"{ms(fill['fill_ms'])} ms")
+    return (head + text + "\n\n" + sources(res, ["bench_decode"]) + "\n\n"
+            + "\n".join(f"- {n}." for n in notes) + "\n")
+
+
+def block_bench_generate(res: Results) -> str:
+    doc = res.json("bench_generate")
+    rows = []
+    for r in doc["rows"]:
+        rows.append([klen(r["L"]), GENERATE_LABEL.get(r["method"], r["method"]),
+                     sec(r["prefill_s"]), ms(r["decode_ms"]), f"{r['tokens_per_s']:.2f}",
+                     opt(times, r.get("speedup_vs_sdpa")),
+                     opt(lambda x: f"{x:.3f}", r.get("decode_density")),
+                     "yes" if r.get("same_tokens_as_exact", True) else "no"])
+    cfg = doc["config"]
+    head = (f"**Generation** of SmolLM2-135M-Instruct (float32, static cache, greedy, "
+            f"{cfg['new_tokens']} new tokens after an L-token prompt, {cfg['threads']} threads, "
+            f"OMP_WAIT_POLICY={cfg.get('OMP_WAIT_POLICY', 'unset')}; decode = median time per "
+            f"token):\n\n")
+    return head + table(["L", "method", "prefill", "decode ms/token", "tokens/s", "× sdpa",
+                         "decode density", "same tokens as exact decode"], rows, "llrrrrrl") + \
+        "\n\n" + sources(res, ["bench_generate"]) + "\n"
+
+
+GENERATE_LABEL = {"sdpa": "HF sdpa", "dhsa_exact": "dhsa, exact decode",
+                  "dhsa_sparse": "dhsa, sparse decode"}
+
+
 # ----------------------------------------------------------------------------
 # the README
 # ----------------------------------------------------------------------------
@@ -950,6 +1014,8 @@ BLOCKS: Dict[str, Callable[[Results], str]] = {
     "bench_model": block_bench_model,
     "model_notes": block_model_notes,
     "bench_threads": block_bench_threads,
+    "bench_decode": block_bench_decode,
+    "bench_generate": block_bench_generate,
     "tasks": block_tasks,
     "tasks_notes": block_tasks_notes,
     "accuracy": block_accuracy,
