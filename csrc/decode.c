@@ -275,12 +275,16 @@ static int reserve_kv(dhsa_kv_cache *c, int64_t need) {
     return DHSA_OK;
 }
 
-/* every group's room for `total` keys: scores, and bounds for the most
- * chunks that many keys can close */
+/* the most chunks n keys can close, plus the leading 0 and the open chunk */
+static int64_t most_bounds(const dhsa_kv_cache *c, int64_t n) {
+    const int64_t shortest = c->p.chunking == DHSA_CHUNK_FIXED ? c->p.chunk_size : c->p.min_chunk;
+    return n / DHSA_MAX(1, shortest) + 2;
+}
+
+/* every group's room for `total` keys: scores and bounds */
 static int reserve_states(dhsa_kv_cache *c, int64_t total) {
-    const int64_t min_len = c->p.chunking == DHSA_CHUNK_FIXED ? c->p.chunk_size : c->p.min_chunk;
     for (int64_t i = 0; i < c->B * c->CG; i++) {
-        const int st = state_reserve(&c->cs[i], c->D, total + 1, total / min_len + 2);
+        const int st = state_reserve(&c->cs[i], c->D, total + 1, most_bounds(c, total));
         if (st != DHSA_OK) return st;
     }
     return DHSA_OK;
@@ -345,9 +349,7 @@ int dhsa_kv_cache_crop(dhsa_kv_cache *c, int64_t n) {
     for (int64_t i = 0; i < c->B * c->CG; i++) {
         chunk_state fresh;
         if (state_init(&fresh, c, i % c->CG) != DHSA_OK) return DHSA_ENOMEM;
-        if (state_reserve(&fresh, c->D, n + 1, n / DHSA_MAX(1, c->p.chunking == DHSA_CHUNK_FIXED
-                                                                 ? c->p.chunk_size
-                                                                 : c->p.min_chunk) + 2) != DHSA_OK) {
+        if (state_reserve(&fresh, c->D, n + 1, most_bounds(c, n)) != DHSA_OK) {
             state_free(&fresh);
             return DHSA_ENOMEM;
         }
@@ -476,16 +478,6 @@ int dhsa_kv_cache_prefill_bounds(const dhsa_kv_cache *c, int64_t *bounds, int64_
 
 /* ---- decode ---------------------------------------------------------------- */
 
-/* index of the closed chunk holding key x: bounds[c] <= x < bounds[c + 1] */
-static int64_t closed_chunk_of(const int64_t *bounds, int64_t nb, int64_t x) {
-    int64_t lo = 0, hi = nb - 1;
-    while (hi - lo > 1) {
-        const int64_t mid = (lo + hi) / 2;
-        if (bounds[mid] <= x) lo = mid; else hi = mid;
-    }
-    return lo;
-}
-
 /* The selection of selection group sg of batch item b (see dhsa.h): merged
  * ranges into starts / ends (room for the closed chunks + 3), returns their
  * number. pieces / sel: scratch of (chunks + 3). */
@@ -524,7 +516,7 @@ static int64_t decode_select(int32_t *starts, int32_t *ends, const dhsa_kv_cache
         const double inv = 1.0 / sqrt((double)s->Lq);
         for (int64_t d = 0; d < D; d++) rq[d] *= inv;
         dhsa_cover_heap cov = {pieces, 0, 0, keep.hi_clamp - forced};
-        for (int64_t ch = closed_chunk_of(g->bounds, g->nb, keep.sink_end);
+        for (int64_t ch = dhsa_chunk_of(g->bounds, g->nb, keep.sink_end);
              ch < g->nb - 1 && g->bounds[ch] < tail_a; ch++) {
             const float *rep = g->reps + ch * D;
             double acc[4] = {0, 0, 0, 0};

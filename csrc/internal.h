@@ -103,6 +103,16 @@ int dhsa_predict_select(int32_t *starts, int32_t *ends, int64_t *counts,
                         const int64_t *bounds, const int64_t *num_bounds,
                         int num_threads);
 
+/* Index of the chunk holding key x among n bounds: bounds[c] <= x < bounds[c + 1]. */
+static inline int64_t dhsa_chunk_of(const int64_t *bounds, int64_t n, int64_t x) {
+    int64_t lo = 0, hi = n - 1; /* chunks 0 .. n - 2 */
+    while (hi - lo > 1) {
+        const int64_t mid = (lo + hi) / 2;
+        if (bounds[mid] <= x) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
 /* ---- pieces and the budget rule (selection.c) ----------------------------- */
 
 /* A candidate key range of a selection and its score. */

@@ -163,6 +163,30 @@ static int check_finite(PyArrayObject *a, const char *name, int num_threads) {
     return 0;
 }
 
+/* scale (default 1 / sqrt(D)), softcap (0: none) and window (0: none) of an
+ * attention call. Scale and softcap become float32 in the core: keep them
+ * where float32 holds them with room to spare, so no value silently turns
+ * into 0 or inf. */
+static int parse_attn_options(PyObject *scale, PyObject *softcap, PyObject *window, npy_intp D,
+                              double *sc, double *cap, int64_t *win) {
+    int given = 0;
+    *sc = 1.0 / sqrt((double)D);
+    *cap = 0.0;
+    *win = 0;
+    if (parse_float_opt(scale, "scale", sc, &given) < 0) return -1;
+    if (!(*sc >= 1e-30 && *sc <= 1e30)) {
+        PyErr_Format(PyExc_ValueError, "scale must be in [1e-30, 1e30], got %R", scale);
+        return -1;
+    }
+    if (parse_float_opt(softcap, "softcap", cap, &given) < 0) return -1;
+    if (given && !(*cap >= 1e-30 && *cap <= 1e30)) {
+        PyErr_Format(PyExc_ValueError, "softcap must be in [1e-30, 1e30] or None, got %R",
+                     softcap);
+        return -1;
+    }
+    return parse_int_opt(window, "window", 1, win, &given);
+}
+
 /* Convert and validate q, k, v and the attention options into a shape. */
 typedef struct {
     PyArrayObject *q, *k, *v;
@@ -180,7 +204,7 @@ static void attn_args_clear(attn_args *a) {
 static int attn_args_parse(attn_args *a, PyObject *q, PyObject *k, PyObject *v, int causal,
                            PyObject *scale, PyObject *softcap, PyObject *window,
                            PyObject *threads, int need_v) {
-    int tq = 0, tk = 0, tv = 0, given = 0;
+    int tq = 0, tk = 0, tv = 0;
     memset(a, 0, sizeof(*a));
     /* with v (the attention kernels) float16 K/V stay float16; the
      * prediction reads k as float32 */
@@ -239,22 +263,9 @@ static int attn_args_parse(attn_args *a, PyObject *q, PyObject *k, PyObject *v, 
     a->shape.causal = causal ? 1 : 0;
     a->shape.kv_f16 = need_v && tk == NPY_FLOAT16;
 
-    double sc = 1.0 / sqrt((double)qs[3]), cap = 0.0;
+    double sc = 0.0, cap = 0.0;
     int64_t win = 0;
-    /* both become float32 in the core: keep them where float32 holds them
-     * with room to spare, so no value silently turns into 0 or inf */
-    if (parse_float_opt(scale, "scale", &sc, &given) < 0) return -1;
-    if (!(sc >= 1e-30 && sc <= 1e30)) {
-        PyErr_Format(PyExc_ValueError, "scale must be in [1e-30, 1e30], got %R", scale);
-        return -1;
-    }
-    if (parse_float_opt(softcap, "softcap", &cap, &given) < 0) return -1;
-    if (given && !(cap >= 1e-30 && cap <= 1e30)) {
-        PyErr_Format(PyExc_ValueError, "softcap must be in [1e-30, 1e30] or None, got %R",
-                     softcap);
-        return -1;
-    }
-    if (parse_int_opt(window, "window", 1, &win, &given) < 0) return -1;
+    if (parse_attn_options(scale, softcap, window, qs[3], &sc, &cap, &win) < 0) return -1;
     /* a window of Lk keys or more hides nothing: clamp so that position
      * arithmetic in the core cannot overflow */
     if (win > ks[2]) win = ks[2];
@@ -1274,7 +1285,7 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args, PyObject *k
     PyObject *q_in, *cache_in, *budget_in = Py_None, *sink_in = Py_None, *local_in = Py_None,
              *scale = Py_None,
              *softcap = Py_None, *window = Py_None, *threads = Py_None, *result = NULL;
-    int return_info = 0, st, T = 1, tq = 0, given = 0;
+    int return_info = 0, st, T = 1, tq = 0;
     PyArrayObject *q = NULL, *out = NULL;
     dhsa_prediction *pred = NULL;
     int64_t budget = 0, sink = 0, local = 0, win = 0;
@@ -1316,18 +1327,7 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args, PyObject *k
                      "queries are the last cached positions", (Py_ssize_t)qs[2], (long long)L);
         return NULL;
     }
-    sc = 1.0 / sqrt((double)qs[3]);
-    if (parse_float_opt(scale, "scale", &sc, &given) < 0) return NULL;
-    if (!(sc >= 1e-30 && sc <= 1e30)) {
-        PyErr_Format(PyExc_ValueError, "scale must be in [1e-30, 1e30], got %R", scale);
-        return NULL;
-    }
-    if (parse_float_opt(softcap, "softcap", &cap, &given) < 0) return NULL;
-    if (given && !(cap >= 1e-30 && cap <= 1e30)) {
-        PyErr_Format(PyExc_ValueError, "softcap must be in [1e-30, 1e30] or None, got %R", softcap);
-        return NULL;
-    }
-    if (parse_int_opt(window, "window", 1, &win, &given) < 0) return NULL;
+    if (parse_attn_options(scale, softcap, window, qs[3], &sc, &cap, &win) < 0) return NULL;
     if (!(q = as_contiguous(q_in, 0))) return NULL;
     npy_intp dims[4] = {qs[0], qs[1], qs[2], qs[3]};
     if (!(out = (PyArrayObject *)PyArray_SimpleNew(4, dims, NPY_FLOAT32))) goto done;

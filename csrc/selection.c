@@ -64,15 +64,7 @@ static double key_norm_of(const dhsa_predict_params *p) {
     return p->normalization == DHSA_NORM_SQRT ? 0.5 : (p->normalization == DHSA_NORM_MEAN ? 1.0 : 0.0);
 }
 
-/* index of the chunk holding key x: bounds[c] <= x < bounds[c + 1] */
-static int64_t chunk_of(const int64_t *bounds, int64_t n, int64_t x) {
-    int64_t lo = 0, hi = n - 1; /* chunks 0 .. n - 2 */
-    while (hi - lo > 1) {
-        int64_t mid = (lo + hi) / 2;
-        if (bounds[mid] <= x) lo = mid; else hi = mid;
-    }
-    return lo;
-}
+#define chunk_of dhsa_chunk_of
 
 int dhsa_predict_boundaries(int64_t *bounds, int64_t *num_bounds, const float *k,
                             const dhsa_attn_shape *s, const dhsa_predict_params *p,
