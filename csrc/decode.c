@@ -266,7 +266,7 @@ static int reserve_kv(dhsa_kv_cache *c, int64_t need) {
     const size_t row = (size_t)c->D * c->esz, nh = (size_t)(c->B * c->Hkv);
     char *k = malloc(nh * (size_t)cap * row), *v = malloc(nh * (size_t)cap * row);
     if (!k || !v) { free(k); free(v); return DHSA_ENOMEM; }
-    for (size_t h = 0; h < nh; h++) {
+    for (size_t h = 0; c->n > 0 && h < nh; h++) { /* an empty cache has no rows (nor buffers) */
         memcpy(k + h * (size_t)cap * row, c->k + h * (size_t)c->cap * row, (size_t)c->n * row);
         memcpy(v + h * (size_t)cap * row, c->v + h * (size_t)c->cap * row, (size_t)c->n * row);
     }
@@ -411,7 +411,7 @@ int dhsa_kv_cache_reorder(dhsa_kv_cache *c, const int64_t *index, int64_t B_new)
         free(cs); free(k); free(v);
         return st;
     }
-    for (int64_t i = 0; i < B_new; i++) {
+    for (int64_t i = 0; c->cap > 0 && i < B_new; i++) {
         memcpy(k + (size_t)(i * c->Hkv) * head, c->k + (size_t)(index[i] * c->Hkv) * head,
                (size_t)c->Hkv * head);
         memcpy(v + (size_t)(i * c->Hkv) * head, c->v + (size_t)(index[i] * c->Hkv) * head,
@@ -434,7 +434,7 @@ int dhsa_kv_cache_chunks(const dhsa_kv_cache *c, int64_t g, const int64_t **boun
 int dhsa_kv_cache_read(const dhsa_kv_cache *c, void *k, void *v, int64_t a, int64_t b) {
     if (!c || a < 0 || b < a || b > c->n) return DHSA_EINVAL;
     const size_t row = (size_t)c->D * c->esz;
-    for (int64_t h = 0; h < c->B * c->Hkv; h++) {
+    for (int64_t h = 0; b > a && h < c->B * c->Hkv; h++) {
         if (k) memcpy((char *)k + (size_t)(h * (b - a)) * row,
                       c->k + (size_t)(h * c->cap + a) * row, (size_t)(b - a) * row);
         if (v) memcpy((char *)v + (size_t)(h * (b - a)) * row,
