@@ -11,8 +11,13 @@ cache's last position) over it:
 - torch: ``F.scaled_dot_product_attention(q, k, v, enable_gqa=True)`` on the
   same contiguous K/V, under no_grad with ``torch.set_num_threads(T)``.
 
-Also timed: appending one token to the cache (the chunk state's update) and
-filling the cache with all L keys at once (the chunking a prefill adds).
+Also timed: appending one token to the cache (the chunk state's update),
+filling the cache with all L keys at once (the chunking a prefill adds),
+and ``--steps`` consecutive generation steps (append one new key, then one
+decode step, new keys continuing the synthetic sequence so that chunks
+close as they do in generation) with ``decode_reuse`` 1 and ``--reuse`` N:
+the per-step time, and the share of steps' selection groups that reused
+chunk scores.
 Each time is the minimum over the timed calls after a warm-up, every method
 of a length timed in turns. Memory: the cache's K/V bytes and its chunk
 state's.
@@ -52,6 +57,11 @@ def parse_args(argv=None):
                    help="K/V storage of the cache (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: usable CPUs)")
     common.add_timing_arguments(p, repeats=20, scope="length")
+    p.add_argument("--reuse", type=int, default=8,
+                   help="decode_reuse of the step sequence (0: skip it; default %(default)s)")
+    p.add_argument("--steps", type=int, default=32,
+                   help="generation steps per timed call of the step sequence "
+                        "(default %(default)s)")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="L = 4K, 16K, budget 2K, 5 repeats")
@@ -79,6 +89,25 @@ def segmented_keys(rng, Hkv: int, L: int, D: int) -> np.ndarray:
         means += rng.standard_normal((len(lengths), D))
         out[0, h] = means[seg] + 0.5 * rng.standard_normal((L, D))
     return out
+
+
+def _stepper(cache, pk, pv, pq, steps: int, T: int):
+    """A call that runs `steps` generation steps on cache (append the next
+    key of the pool, decode one query) and returns the share of selection
+    groups that reused chunk scores."""
+    at = [0]
+
+    def run():
+        reused = groups = 0
+        for _ in range(steps):
+            j = at[0] % pk.shape[2]
+            at[0] += 1
+            cache.append(pk[:, :, j:j + 1], pv[:, :, j:j + 1], num_threads=T)
+            _, info = dhsa.decode_attention(pq[j], cache, num_threads=T, return_info=True)
+            reused += info.reused_groups
+            groups += len(info.offsets) - 1
+        return reused / max(1, groups)
+    return run
 
 
 def main(argv=None) -> int:
@@ -122,6 +151,21 @@ def main(argv=None) -> int:
             for b in budgets:
                 fns[f"sparse{b}"] = (lambda c=caches[b]: dhsa.decode_attention(
                     q, c, num_threads=T, return_info=True))
+            if args.reuse:
+                # generation steps: the cache grows by `steps` keys per call
+                # (at most (warm-up + repeats) * steps in all), plain and
+                # reusing caches alike
+                pool = args.steps * (1 + args.repeats + args.extra_repeats + 1)
+                prng = np.random.default_rng(args.seed + 1)
+                pk = segmented_keys(prng, Hkv, pool, D).astype(dt)
+                pv = prng.standard_normal((1, Hkv, pool, D)).astype(dt)
+                pq = (prng.standard_normal((pool, 1, H, 1, D)) * 0.5).astype(dt)
+                for b in budgets:
+                    for reuse in (1, args.reuse):
+                        c = dhsa.KVCache(base_cfg.replace(decode_budget=b, decode_reuse=reuse),
+                                         Hkv, D, dtype=dt)
+                        c.append(k, v, num_threads=T)
+                        fns[f"steps{b}_{reuse}"] = _stepper(c, pk, pv, pq, args.steps, T)
             if torch is not None:
                 tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
 
@@ -176,6 +220,14 @@ def main(argv=None) -> int:
                        "torch": tm["torch"].as_dict() if "torch" in tm else None}
                 row["others"] = common.others_label(row["sparse"], row["exact_kernel"],
                                                     row["torch"])
+                if args.reuse:
+                    plain, kept = tm[f"steps{b}_1"], tm[f"steps{b}_{args.reuse}"]
+                    row.update(steps=args.steps, reuse=args.reuse,
+                               step_ms=plain.best * 1e3 / args.steps,
+                               step_reuse_ms=kept.best * 1e3 / args.steps,
+                               reused_frac=kept.result,
+                               speedup_reuse=plain.best / kept.best,
+                               steps_plain=plain.as_dict(), steps_reuse=kept.as_dict())
                 rows.append(row)
                 print(f"{row['shape']:<12} L={row['Lstr']:>4} b={row['budget_str']:>3}: sparse "
                       f"{sp_ms:7.3f} ms, exact {ex_ms:7.3f} (kernel {ker_ms:7.3f}), torch "
@@ -183,7 +235,10 @@ def main(argv=None) -> int:
                       f"x{row['speedup_vs_exact_kernel']:.1f} vs kernel"
                       + (f", x{row['speedup_vs_torch']:.1f} vs torch" if torch_ms else "")
                       + f"; append {row['append1_ms']:.3f} ms, fill {row['fill_ms']:.0f} ms, "
-                      f"state {row['state_frac'] * 100:.1f}% of K/V", flush=True)
+                      f"state {row['state_frac'] * 100:.1f}% of K/V"
+                      + (f"; step {row['step_ms']:.3f} ms, reuse {args.reuse} "
+                         f"{row['step_reuse_ms']:.3f} ms ({row['reused_frac'] * 100:.0f}% reused)"
+                         if args.reuse else ""), flush=True)
             del fns, tm, caches, exact, grow
 
     cols = [("shape", "shape", ""), ("Lstr", "context", ""), ("budget_str", "budget", ""),
@@ -193,6 +248,10 @@ def main(argv=None) -> int:
             ("speedup_vs_torch", "x torch", ".1f"), ("append1_ms", "append 1 (ms)", ".3f"),
             ("fill_ms", "fill L (ms)", ".0f"), ("state_frac", "state / K-V", ".3f"),
             ("others", "others %", "")]
+    if args.reuse:
+        cols[-1:-1] = [("step_ms", "append + step (ms)", ".3f"),
+                       ("step_reuse_ms", f"reuse {args.reuse} (ms)", ".3f"),
+                       ("reused_frac", "reused", ".2f")]
     notes = [
         "sparse: dhsa.decode_attention with DHSAConfig(decode_budget=b) defaults otherwise "
         "(sink 64, local 256); exact: the same cache read whole; exact kernel: "
@@ -201,8 +260,14 @@ def main(argv=None) -> int:
         "'others %': share of the CPUs other processes took during the best sparse / exact "
         "kernel / torch call.",
     ]
+    if args.reuse:
+        notes.append(f"append + step: {args.steps} consecutive steps (append one key, decode "
+                     f"one query) per timed call, ms per step; reuse {args.reuse}: the same "
+                     f"with DHSAConfig(decode_reuse={args.reuse}); reused: share of the "
+                     f"steps' selection groups that reused chunk scores.")
     config = {"shapes": args.shapes, "lengths": args.lengths, "budgets": args.budgets,
-              "dtype": args.dtype, "threads": T, "repeats": args.repeats}
+              "dtype": args.dtype, "threads": T, "repeats": args.repeats,
+              "reuse": args.reuse, "steps": args.steps}
     name = NAME + ("_quick" if args.quick else "")
     jp, mp = common.write_results(name, machine=machine, command=command, started=started,
                                   config=config, rows=rows,

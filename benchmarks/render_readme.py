@@ -945,6 +945,7 @@ def block_bench_decode(res: Results) -> str:
     budgets = sorted({r["budget"] for r in doc["rows"]})
     b = 2048 if 2048 in budgets else budgets[-1]
     rows = []
+    reuse = doc["config"].get("reuse")
     for r in doc["rows"]:
         if r["budget"] != b:
             continue
@@ -952,13 +953,18 @@ def block_bench_decode(res: Results) -> str:
                      ms(r["exact_cache_ms"]), ms(r["exact_kernel_ms"]), opt(ms, r.get("torch_ms")),
                      times(r["speedup_vs_exact_kernel"], 1),
                      opt(lambda x: times(x, 1), r.get("speedup_vs_torch")),
-                     share(r["state_frac"])])
+                     share(r["state_frac"])]
+                    + ([ms(r["step_ms"]), ms(r["step_reuse_ms"]), share(r["reused_frac"])]
+                       if reuse else []))
     threads = "/".join(str(t) for t in sorted({r["threads"] for r in doc["rows"]}))
     head = (f"**One decode step** (one query over a cache of L keys, {threads} threads, "
             f"{doc['config'].get('dtype', 'float32')} K/V; decode budget {klen(b)}; ms per step):"
             f"\n\n")
-    text = table(["shape", "L", "sparse", "exact, from the cache", "exact kernel", "torch SDPA",
-                  "× exact kernel", "× torch", "chunk state / K-V"], rows, "lrrrrrrrr")
+    cols = ["shape", "L", "sparse", "exact, from the cache", "exact kernel", "torch SDPA",
+            "× exact kernel", "× torch", "chunk state / K-V"]
+    if reuse:
+        cols += ["append + step", f"… with decode_reuse={reuse}", "groups reusing"]
+    text = table(cols, rows, "l" + "r" * (len(cols) - 1))
     notes = []
     for shape in dict.fromkeys((r["H"], r["Hkv"], r["D"]) for r in doc["rows"]):
         at = [r for r in doc["rows"] if (r["H"], r["Hkv"], r["D"]) == shape]
@@ -971,7 +977,11 @@ def block_bench_decode(res: Results) -> str:
                                  f"({times(one[x]['speedup_vs_exact_kernel'], 1)} the exact "
                                  f"kernel)" for x in sorted(one))
                      + f"; appending a token costs {app}, chunking {klen(fill['L'])} keys at once "
-                       f"{ms(fill['fill_ms'])} ms")
+                       f"{ms(fill['fill_ms'])} ms"
+                     + (f"; a generation step (append + decode, budget {klen(b)}) "
+                        f"{ms(one[b]['step_ms'])} ms, {ms(one[b]['step_reuse_ms'])} ms with "
+                        f"decode_reuse={reuse} ({times(one[b]['speedup_reuse'], 2)})"
+                        if reuse and b in one else ""))
     return (head + text + "\n\n" + sources(res, ["bench_decode"]) + "\n\n"
             + "\n".join(f"- {n}." for n in notes) + "\n")
 

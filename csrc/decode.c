@@ -47,6 +47,14 @@ typedef struct {
     float *reps;            /* (bounds_cap - 1, D) closed chunk representations */
 } chunk_state;
 
+/* chunk scores of one selection group, kept for later decode steps */
+typedef struct {
+    int64_t made_at;        /* cache length when scored; -1: none */
+    int64_t nb, first;      /* the group's bound count then, first chunk scored */
+    int64_t cap;
+    double *score;          /* (cap) r_q . r_c of chunks [first, nb - 1) */
+} score_memo;
+
 struct dhsa_kv_cache {
     int64_t B, Hkv, D, n, cap, CG, ring_rows;
     int kv_f16;
@@ -56,7 +64,37 @@ struct dhsa_kv_cache {
     double *model;          /* (CG, bmodel_len) copy, or NULL */
     chunk_state *cs;        /* (B * CG) */
     float max_k, max_v;     /* max |k|, max |v| over the stored keys */
+    score_memo *memo;       /* (memo_n) per (batch, selection group), or NULL */
+    int64_t memo_n;
 };
+
+static void memo_drop(dhsa_kv_cache *c) {
+    for (int64_t i = 0; i < c->memo_n; i++) free(c->memo[i].score);
+    free(c->memo);
+    c->memo = NULL;
+    c->memo_n = 0;
+}
+
+/* a memo per (batch, selection group) with room for `room` scores; the
+ * kept scores survive unless the group count changed */
+static int memo_reserve(dhsa_kv_cache *c, int64_t groups, int64_t room) {
+    if (c->memo_n != groups) {
+        memo_drop(c);
+        if (!(c->memo = calloc((size_t)groups, sizeof(score_memo)))) return DHSA_ENOMEM;
+        c->memo_n = groups;
+        for (int64_t i = 0; i < groups; i++) c->memo[i].made_at = -1;
+    }
+    for (int64_t i = 0; i < groups; i++) {
+        score_memo *m = &c->memo[i];
+        if (m->cap >= room) continue;
+        const int64_t cap = DHSA_MAX(room, 2 * m->cap);
+        double *sc = realloc(m->score, (size_t)cap * sizeof(double));
+        if (!sc) return DHSA_ENOMEM;
+        m->score = sc;
+        m->cap = cap;
+    }
+    return DHSA_OK;
+}
 
 static double now_seconds(void) {
     struct timespec ts;
@@ -197,6 +235,7 @@ void dhsa_kv_cache_free(dhsa_kv_cache *c) {
     if (c->cs)
         for (int64_t i = 0; i < c->B * c->CG; i++) state_free(&c->cs[i]);
     free(c->cs); free(c->k); free(c->v); free(c->model);
+    memo_drop(c);
     free(c);
 }
 
@@ -252,6 +291,7 @@ void dhsa_kv_cache_bytes(const dhsa_kv_cache *c, int64_t *kv_bytes, int64_t *sta
         const chunk_state *g = &c->cs[i];
         st += c->ring_rows * g->W * 8 + g->score_cap * 8 + g->bounds_cap * (8 + c->D * 4);
     }
+    for (int64_t i = 0; c && i < c->memo_n; i++) st += c->memo[i].cap * 8;
     if (kv_bytes) *kv_bytes = c ? 2 * c->B * c->Hkv * c->cap * c->D * (int64_t)c->esz : 0;
     if (state_bytes) *state_bytes = st;
 }
@@ -346,6 +386,7 @@ int dhsa_kv_cache_append(dhsa_kv_cache *c, const void *k, const void *v, int64_t
 
 int dhsa_kv_cache_crop(dhsa_kv_cache *c, int64_t n) {
     if (!c || n < 0 || n > c->n) return DHSA_EINVAL;
+    memo_drop(c); /* scores of keys that may be gone */
     for (int64_t i = 0; i < c->B * c->CG; i++) {
         chunk_state fresh;
         if (state_init(&fresh, c, i % c->CG) != DHSA_OK) return DHSA_ENOMEM;
@@ -420,6 +461,7 @@ int dhsa_kv_cache_reorder(dhsa_kv_cache *c, const int64_t *index, int64_t B_new)
     for (int64_t i = 0; i < c->B * c->CG; i++) state_free(&c->cs[i]);
     free(c->cs); free(c->k); free(c->v);
     c->cs = cs; c->k = k; c->v = v; c->B = B_new;
+    memo_drop(c); /* the batch items moved */
     return DHSA_OK;
 }
 
@@ -478,13 +520,27 @@ int dhsa_kv_cache_prefill_bounds(const dhsa_kv_cache *c, int64_t *bounds, int64_
 
 /* ---- decode ---------------------------------------------------------------- */
 
+/* r_q . rep, summed in the order every decode step uses */
+static double rep_score(const double *rq, const float *rep, int64_t D) {
+    double acc[4] = {0, 0, 0, 0};
+    int64_t d = 0;
+    for (; d + 4 <= D; d += 4)
+        for (int u = 0; u < 4; u++) acc[u] += rq[d + u] * (double)rep[d + u];
+    for (; d < D; d++) acc[0] += rq[d] * (double)rep[d];
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
 /* The selection of selection group sg of batch item b (see dhsa.h): merged
  * ranges into starts / ends (room for the closed chunks + 3), returns their
- * number. pieces / sel: scratch of (chunks + 3). */
+ * number. m: the group's kept scores (NULL: no reuse), used when reuse_at
+ * (the oldest length whose scores may serve) allows, else rescored; *reused
+ * says which. pieces / sel: scratch of (chunks + 3). */
 static int64_t decode_select(int32_t *starts, int32_t *ends, const dhsa_kv_cache *c,
                              const dhsa_attn_shape *s, const dhsa_predict_params *p,
-                             const float *q, int64_t b, int64_t sg, double *rq,
-                             dhsa_piece *pieces, dhsa_piece *sel) {
+                             const float *q, int64_t b, int64_t sg, score_memo *m,
+                             int64_t reuse_at, int *reused, double *rq, dhsa_piece *pieces,
+                             dhsa_piece *sel) {
+    *reused = 0;
     const dhsa_block_geom geo = dhsa_rule_rows(s, 0, s->Lq);
     const dhsa_block_keep keep = dhsa_rule_keep(s, &geo, p);
     if (keep.dense) {
@@ -502,32 +558,39 @@ static int64_t decode_select(int32_t *starts, int32_t *ends, const dhsa_kv_cache
     if (keep.sink_end > geo.lo) { sel[nsel].a = geo.lo; sel[nsel].b = keep.sink_end; nsel++; }
     sel[nsel].a = tail_a; sel[nsel].b = geo.hi; nsel++;
     if (keep.hi_clamp > forced && tail_a > keep.sink_end) {
-        /* r_q: the group's head-averaged queries, block sum / sqrt(nq) */
-        int64_t h0, nh;
-        dhsa_rule_select_heads(s, p->granularity, sg, &h0, &nh);
-        for (int64_t d = 0; d < D; d++) rq[d] = 0.0;
-        for (int64_t i = 0; i < s->Lq; i++)
-            for (int64_t d = 0; d < D; d++) {
-                double m = 0.0;
-                for (int64_t h = h0; h < h0 + nh; h++)
-                    m += (double)q[((b * s->H + h) * s->Lq + i) * D + d];
-                rq[d] += m / (double)nh;
+        const int64_t first = dhsa_chunk_of(g->bounds, g->nb, keep.sink_end);
+        /* kept scores serve while no chunk of the group closed; they cover
+         * every closed chunk from `first`, local ones too, as local moves on */
+        if (m && m->made_at >= reuse_at && m->nb == g->nb && m->first == first) {
+            *reused = 1;
+        } else {
+            /* r_q: the group's head-averaged queries, block sum / sqrt(nq) */
+            int64_t h0, nh;
+            dhsa_rule_select_heads(s, p->granularity, sg, &h0, &nh);
+            for (int64_t d = 0; d < D; d++) rq[d] = 0.0;
+            for (int64_t i = 0; i < s->Lq; i++)
+                for (int64_t d = 0; d < D; d++) {
+                    double x = 0.0;
+                    for (int64_t h = h0; h < h0 + nh; h++)
+                        x += (double)q[((b * s->H + h) * s->Lq + i) * D + d];
+                    rq[d] += x / (double)nh;
+                }
+            const double inv = 1.0 / sqrt((double)s->Lq);
+            for (int64_t d = 0; d < D; d++) rq[d] *= inv;
+            if (m) {
+                for (int64_t ch = first; ch < g->nb - 1; ch++)
+                    m->score[ch - first] = rep_score(rq, g->reps + ch * D, D);
+                m->made_at = c->n;
+                m->nb = g->nb;
+                m->first = first;
             }
-        const double inv = 1.0 / sqrt((double)s->Lq);
-        for (int64_t d = 0; d < D; d++) rq[d] *= inv;
+        }
         dhsa_cover_heap cov = {pieces, 0, 0, keep.hi_clamp - forced};
-        for (int64_t ch = dhsa_chunk_of(g->bounds, g->nb, keep.sink_end);
-             ch < g->nb - 1 && g->bounds[ch] < tail_a; ch++) {
-            const float *rep = g->reps + ch * D;
-            double acc[4] = {0, 0, 0, 0};
-            int64_t d = 0;
-            for (; d + 4 <= D; d += 4)
-                for (int u = 0; u < 4; u++) acc[u] += rq[d + u] * (double)rep[d + u];
-            for (; d < D; d++) acc[0] += rq[d] * (double)rep[d];
+        for (int64_t ch = first; ch < g->nb - 1 && g->bounds[ch] < tail_a; ch++) {
             dhsa_piece pc;
             pc.a = DHSA_MAX(keep.sink_end, g->bounds[ch]);
             pc.b = DHSA_MIN(tail_a, g->bounds[ch + 1]);
-            pc.score = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+            pc.score = m ? m->score[ch - first] : rep_score(rq, g->reps + ch * D, D);
             pc.logm = 0.0;
             dhsa_cover_offer(&cov, &pc);
         }
@@ -537,11 +600,11 @@ static int64_t decode_select(int32_t *starts, int32_t *ends, const dhsa_kv_cache
 }
 
 int dhsa_decode_attention(float *out, dhsa_prediction **out_pred, const float *q,
-                          const dhsa_kv_cache *c, int64_t H, int64_t nq, float scale,
+                          dhsa_kv_cache *c, int64_t H, int64_t nq, float scale,
                           float softcap, int64_t window, int64_t budget, int64_t sink,
-                          int64_t local, int num_threads) {
+                          int64_t local, int64_t reuse, int num_threads) {
     if (out_pred) *out_pred = NULL;
-    if (!out || !q || !c || num_threads < 1 || budget < 0 || sink < 0 || local < 0)
+    if (!out || !q || !c || num_threads < 1 || budget < 0 || sink < 0 || local < 0 || reuse < 1)
         return DHSA_EINVAL;
     if (c->n < 1 || nq < 1 || nq > c->n || H < 1 || H % c->Hkv != 0) return DHSA_EINVAL;
     const double t0 = now_seconds();
@@ -568,7 +631,13 @@ int dhsa_decode_attention(float *out, dhsa_prediction **out_pred, const float *q
     int64_t *counts = malloc((size_t)nsel_groups * sizeof(int64_t));
     int32_t *starts = malloc((size_t)(nsel_groups * room) * sizeof(int32_t));
     int32_t *ends = malloc((size_t)(nsel_groups * room) * sizeof(int32_t));
-    if (!offsets || !counts || !starts || !ends) { st = DHSA_ENOMEM; goto done; }
+    int *reused = calloc((size_t)nsel_groups, sizeof(int));
+    if (!offsets || !counts || !starts || !ends || !reused) { st = DHSA_ENOMEM; goto done; }
+    /* kept scores: made by any call, served to single-query steps within
+     * reuse positions of it */
+    if (reuse > 1 && (st = memo_reserve(c, nsel_groups, room)) != DHSA_OK) goto done;
+    if (reuse == 1 && c->memo) memo_drop(c);
+    const int64_t reuse_at = nq == 1 ? c->n - reuse + 1 : INT64_MAX;
 
     /* selections, one per (batch, selection group) */
 #pragma omp parallel num_threads(dhsa_threads_for(num_threads, nsel_groups))
@@ -584,7 +653,8 @@ int dhsa_decode_attention(float *out, dhsa_prediction **out_pred, const float *q
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < nsel_groups; i++)
             if (ok) counts[i] = decode_select(starts + i * room, ends + i * room, c, &s, &p, q,
-                                              i / SG, i % SG, rq, pieces, sel);
+                                              i / SG, i % SG, c->memo ? &c->memo[i] : NULL,
+                                              reuse_at, &reused[i], rq, pieces, sel);
         free(rq); free(pieces); free(sel);
     }
     if (st != DHSA_OK) goto done;
@@ -599,17 +669,24 @@ int dhsa_decode_attention(float *out, dhsa_prediction **out_pred, const float *q
 
     /* attention per (batch, KV head) on the stored rows: one item of G query
      * heads over one head's (cap, D) keys, whose row stride is D whatever
-     * the capacity; threads across the items */
+     * the capacity; threads across the items. With fewer items than threads
+     * (one KV head: Gemma-3) an item's heads are split in parts, each part
+     * reading the same keys on its own thread. */
     {
         const int64_t items = c->B * c->Hkv;
-        const int64_t sub_groups = SG == H ? G : 1;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(dhsa_threads_for(num_threads, items))
-        for (int64_t it = 0; it < items; it++) {
-            const int64_t b = it / c->Hkv, kvh = it % c->Hkv;
+        const int64_t parts = items < num_threads
+                                  ? DHSA_MIN(G, (num_threads + items - 1) / items) : 1;
+        const int64_t gh = (G + parts - 1) / parts; /* heads per part */
+        const int64_t nparts = (G + gh - 1) / gh;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(dhsa_threads_for(num_threads, items * nparts))
+        for (int64_t it = 0; it < items * nparts; it++) {
+            const int64_t b = it / nparts / c->Hkv, kvh = (it / nparts) % c->Hkv;
+            const int64_t h0 = kvh * G + (it % nparts) * gh, nh = DHSA_MIN(gh, (kvh + 1) * G - h0);
             dhsa_attn_shape sub = s;
-            sub.B = 1; sub.H = G; sub.Hkv = 1;
-            /* the item's selection groups: one (layer, kv_head) or its G heads */
-            const int64_t sg0 = SG == 1 ? 0 : (SG == c->Hkv ? kvh : kvh * G);
+            sub.B = 1; sub.H = nh; sub.Hkv = 1;
+            /* the part's selection groups: one (layer, kv_head) or its nh heads */
+            const int64_t sub_groups = SG == H ? nh : 1;
+            const int64_t sg0 = SG == 1 ? 0 : (SG == c->Hkv ? kvh : h0);
             int64_t one[2], *offs = sub_groups == 1 ? one : malloc((size_t)(sub_groups + 1) * sizeof(int64_t));
             if (!offs) {
 #pragma omp atomic write
@@ -621,7 +698,7 @@ int dhsa_decode_attention(float *out, dhsa_prediction **out_pred, const float *q
             const dhsa_selection sl = {nq, 1, sub_groups, offs, starts + base, ends + base};
             const size_t hoff = (size_t)((b * c->Hkv + kvh) * c->cap * c->D) * c->esz;
             const int r = dhsa_attention_sparse_scanned(
-                out + (b * H + kvh * G) * nq * c->D, q + (b * H + kvh * G) * nq * c->D,
+                out + (b * H + h0) * nq * c->D, q + (b * H + h0) * nq * c->D,
                 c->k + hoff, c->v + hoff, &sub, &sl, max_abs, 1);
             if (offs != one) free(offs);
             if (r != DHSA_OK) {
@@ -662,11 +739,12 @@ int dhsa_decode_attention(float *out, dhsa_prediction **out_pred, const float *q
         }
         const dhsa_selection sl = {nq, 1, SG, r->offsets, r->starts, r->ends};
         dhsa_selection_count_pairs_checked(r->pairs_selected, r->pairs_allowed, &sl, &s, 1);
+        for (int64_t i = 0; i < nsel_groups; i++) r->reused_groups += reused[i];
         r->predict_seconds = t1 - t0;
         r->attention_seconds = now_seconds() - t1;
         *out_pred = r;
     }
 done:
-    free(offsets); free(counts); free(starts); free(ends);
+    free(offsets); free(counts); free(starts); free(ends); free(reused);
     return st;
 }

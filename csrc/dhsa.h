@@ -275,6 +275,8 @@ typedef struct {
     int64_t score_stride;     /* most chunks of any chunking group */
     double predict_seconds;   /* wall time of the prediction */
     double attention_seconds; /* dhsa_sparse_attention: wall time of the kernel */
+    int64_t reused_groups;    /* dhsa_decode_attention: selection groups whose
+                                 chunk scores came from an earlier step */
 } dhsa_prediction;
 
 /* Flags of dhsa_predict. */
@@ -393,13 +395,17 @@ int dhsa_kv_cache_read(const dhsa_kv_cache *c, void *k, void *v, int64_t a, int6
  * the open chunk, and then closed chunks by r_q . r_k (r_q the group's
  * head-averaged queries, block sum / sqrt(nq); pieces clipped to the
  * candidate keys inherit their chunk's score), best first, the last cut,
- * until `budget` keys. q is scanned (DHSA_ENONFINITE). With out_pred, *out_pred
- * receives the selection (one block), the bounds it used (committed + length)
- * and the pair counts. */
+ * until `budget` keys. reuse > 1: a group's chunk scores serve the
+ * single-query steps of the next reuse - 1 positions too, unless a chunk of
+ * its group closes meanwhile (the scores are kept in the cache; sink, local,
+ * the open chunk and the budget rule are applied anew every step); reuse 1
+ * scores every step. q is scanned (DHSA_ENONFINITE). With out_pred,
+ * *out_pred receives the selection (one block), the bounds it used
+ * (committed + length), the pair counts and reused_groups. */
 int dhsa_decode_attention(float *out, dhsa_prediction **out_pred, const float *q,
-                          const dhsa_kv_cache *c, int64_t H, int64_t nq, float scale,
+                          dhsa_kv_cache *c, int64_t H, int64_t nq, float scale,
                           float softcap, int64_t window, int64_t budget, int64_t sink,
-                          int64_t local, int num_threads);
+                          int64_t local, int64_t reuse, int num_threads);
 
 #ifdef __cplusplus
 }

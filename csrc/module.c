@@ -1277,22 +1277,23 @@ static PyTypeObject KVCacheType = {
     .tp_new = PyType_GenericNew,
 };
 
-/* decode_attention(q, cache, *, budget, sink, local, scale, softcap, window,
- *                  num_threads, return_info) -> out or (out, dict as predict's) */
+/* decode_attention(q, cache, *, budget, sink, local, reuse, scale, softcap, window,
+ *                  num_threads, return_info) -> out or (out, dict as predict's
+ *                  + reused_groups) */
 static PyObject *py_decode_attention(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"q", "cache", "budget", "sink", "local", "scale", "softcap",
-                             "window", "num_threads", "return_info", NULL};
+    static char *kwlist[] = {"q", "cache", "budget", "sink", "local", "reuse", "scale",
+                             "softcap", "window", "num_threads", "return_info", NULL};
     PyObject *q_in, *cache_in, *budget_in = Py_None, *sink_in = Py_None, *local_in = Py_None,
-             *scale = Py_None,
+             *reuse_in = Py_None, *scale = Py_None,
              *softcap = Py_None, *window = Py_None, *threads = Py_None, *result = NULL;
     int return_info = 0, st, T = 1, tq = 0;
     PyArrayObject *q = NULL, *out = NULL;
     dhsa_prediction *pred = NULL;
-    int64_t budget = 0, sink = 0, local = 0, win = 0;
+    int64_t budget = 0, sink = 0, local = 0, reuse = 1, win = 0;
     double sc = 0.0, cap = 0.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$OOOOOOOp", kwlist, &q_in, &cache_in,
-                                     &budget_in, &sink_in, &local_in, &scale, &softcap, &window,
-                                     &threads, &return_info))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$OOOOOOOOp", kwlist, &q_in, &cache_in,
+                                     &budget_in, &sink_in, &local_in, &reuse_in, &scale,
+                                     &softcap, &window, &threads, &return_info))
         return NULL;
     if (!PyObject_TypeCheck(cache_in, &KVCacheType)) {
         PyErr_Format(PyExc_TypeError, "cache must be a KVCache, got %s", Py_TYPE(cache_in)->tp_name);
@@ -1304,6 +1305,7 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args, PyObject *k
         parse_required_int(sink_in, "sink", 0, &sink) < 0 ||
         parse_required_int(local_in, "local", 0, &local) < 0 || parse_threads(threads, &T) < 0)
         return NULL;
+    if (reuse_in != Py_None && parse_required_int(reuse_in, "reuse", 1, &reuse) < 0) return NULL;
     if (check_tensor(q_in, "q", &tq) < 0) return NULL;
     npy_intp *qs = PyArray_DIMS((PyArrayObject *)q_in);
     const int64_t L = dhsa_kv_cache_length(cache->c);
@@ -1335,7 +1337,7 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args, PyObject *k
     Py_BEGIN_ALLOW_THREADS
     st = dhsa_decode_attention(PyArray_DATA(out), return_info ? &pred : NULL, PyArray_DATA(q),
                                cache->c, dims[1], dims[2], (float)sc, (float)cap, win, budget,
-                               sink, local, T);
+                               sink, local, reuse, T);
     Py_END_ALLOW_THREADS
     cache->busy = 0;
     if (st == DHSA_ENONFINITE) {
@@ -1358,9 +1360,15 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args, PyObject *k
         if (!return_info) { result = o; goto done; }
         dhsa_attn_shape s = {cache->B, dims[1], cache->Hkv, dims[2], L, cache->D, (float)sc,
                              (float)cap, win, 1, cache->half};
+        const long long reused = (long long)pred->reused_groups;
         PyObject *info = prediction_dict(pred, &s);
         pred = NULL;
         if (!info) { Py_DECREF(o); goto done; }
+        PyObject *nr = PyLong_FromLongLong(reused);
+        if (!nr || PyDict_SetItemString(info, "reused_groups", nr) < 0) {
+            Py_XDECREF(nr); Py_DECREF(info); Py_DECREF(o); goto done;
+        }
+        Py_DECREF(nr);
         result = Py_BuildValue("NN", o, info);
     }
 done:

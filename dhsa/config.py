@@ -108,7 +108,11 @@ class DHSAConfig:
     keys, the ``local`` last ones, the cache's open chunk (keys after its last
     committed boundary) and then its best closed chunks by r_q . r_k, until
     ``decode_budget`` keys. None (the default) keeps decode exact - every
-    cached key.
+    cached key. ``decode_reuse``: the decode steps one set of chunk scores
+    serves (1, the default: every step scores the chunks anew; N: the scores
+    of a step serve the next N - 1 single-query steps too, unless a chunk
+    closes meanwhile; sink, local, the open chunk and the budget are applied
+    anew every step).
 
     This class is the one place where the meaning of the options is checked
     (``__post_init__``). The C core reads the fields by these names
@@ -142,6 +146,7 @@ class DHSAConfig:
     dense_tail: int = 0
     chunk_score: str = "mean"
     decode_budget: Optional[int] = None
+    decode_reuse: int = 1
     calibration: Optional[Union[str, "os.PathLike", "Calibration"]] = None
 
     def __post_init__(self) -> None:
@@ -190,6 +195,7 @@ class DHSAConfig:
         _int("nms_radius", self.nms_radius, 0)
         _int("max_chunks", self.max_chunks, 1, optional=True)
         _int("decode_budget", self.decode_budget, 1, optional=True)
+        _int("decode_reuse", self.decode_reuse, 1)
         if self.decode_budget is not None and self.decode_budget < self.sink + self.local + 1:
             raise ValueError(
                 f"DHSAConfig.decode_budget ({self.decode_budget}) must be >= sink + local + 1 "

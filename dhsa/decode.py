@@ -16,6 +16,9 @@ its open chunk, which every decode step keeps. A decode step reads the
 ``sink`` first keys, the ``local`` last ones, the open chunk and then the
 closed chunks whose representation scores best against the step's queries,
 until ``config.decode_budget`` keys (None: every key, exact decode).
+With ``config.decode_reuse`` N > 1 the chunk scores of a step serve the next
+N - 1 steps while no chunk closes (kept in the cache; dropped by ``crop`` and
+``reorder``).
 """
 from __future__ import annotations
 
@@ -198,6 +201,8 @@ class DecodeInfo:
         self.boundaries = [d["bounds"][i, :nb[i]].copy() for i in range(len(nb))]
         self.pairs_selected, self.pairs_allowed = d["pairs_selected"], d["pairs_allowed"]
         self.select_seconds = float(d["predict_seconds"])
+        #: selection groups whose chunk scores came from an earlier step
+        self.reused_groups = int(d.get("reused_groups", 0))
         self.attention_seconds = float(d["attention_seconds"])
 
     def ranges(self, b: int = 0, g: int = 0) -> np.ndarray:
@@ -227,7 +232,10 @@ def decode_attention(q: np.ndarray, cache: KVCache, *, scale: Optional[float] = 
     multiple of the cache's KV heads), ``scale`` / ``softcap`` / ``window``
     as in :func:`dhsa.dense_attention`. With ``cache.config.decode_budget``
     None every visible key is read (exact); otherwise the selection of the
-    module docstring, made once for the n queries together. Returns the
+    module docstring, made once for the n queries together (with
+    ``cache.config.decode_reuse`` N > 1, a one-query step reuses the chunk
+    scores of the last N - 1 positions' steps while no chunk closed:
+    ``DecodeInfo.reused_groups`` counts the groups that did). Returns the
     output in float16 when q and the cache are both float16, else float32,
     and a :class:`DecodeInfo` with ``return_info``."""
     if not isinstance(cache, KVCache):
@@ -236,7 +244,7 @@ def decode_attention(q: np.ndarray, cache: KVCache, *, scale: Optional[float] = 
         raise ValueError("cache is empty: append the keys of the queries' positions first")
     cfg = cache.config
     res = _core.decode_attention(q, cache._c, budget=cfg.decode_budget or 0, sink=cfg.sink,
-                                 local=cfg.local, scale=scale, softcap=softcap, window=window,
+                                 local=cfg.local, reuse=cfg.decode_reuse, scale=scale, softcap=softcap, window=window,
                                  num_threads=num_threads, return_info=bool(return_info))
     if not return_info:
         return res

@@ -402,7 +402,7 @@ def cache_chunks(bounds: np.ndarray, Lk: int, *, chunking: str = "dynamic",
 
 def decode_select(q, k, committed, *, budget: int, sink: int, local: int,
                   granularity: str = "kv_head", key_norm: float = 0.5,
-                  window: Optional[int] = None) -> dict:
+                  window: Optional[int] = None, score_q=None) -> dict:
     """The selection of one decode step (mirrors decode_select in decode.c).
 
     q (B, H, nq, D): the queries of the last nq of the Lk cached positions,
@@ -413,9 +413,12 @@ def decode_select(q, k, committed, *, budget: int, sink: int, local: int,
     group's head-mean queries summed over the block / sqrt(nq), r_c the
     chunk's head-mean key sum / n ** key_norm rounded to float32 (as the
     cache stores it) - best first (ties: the earlier), the last cut, until
-    ``budget`` keys (0: every visible key). Returns offsets / starts / ends
-    over (B, SG) groups of one block."""
+    ``budget`` keys (0: every visible key). ``score_q`` (default q): the
+    queries r_q is made of - a step that reuses chunk scores
+    (DHSAConfig.decode_reuse) scores with the queries of the step that made
+    them. Returns offsets / starts / ends over (B, SG) groups of one block."""
     q = np.asarray(q, dtype=np.float64)
+    sq = q if score_q is None else np.asarray(score_q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
     B, H, nq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -442,7 +445,7 @@ def decode_select(q, k, committed, *, budget: int, sink: int, local: int,
                 kept = (sink_end - lo) + (hi - tail_a)
                 sel = [(lo, sink_end)] if sink_end > lo else []
                 sel.append((tail_a, hi))
-                rq = q[b, heads].mean(axis=0).sum(axis=0) / math.sqrt(nq)
+                rq = sq[b, heads].mean(axis=0).sum(axis=0) / math.sqrt(sq.shape[2])
                 kP = prefix_sums(k[b, kv])
                 pieces = []
                 for c in range(len(bd) - 1):

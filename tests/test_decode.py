@@ -238,6 +238,100 @@ def test_decode_selection_and_output_match_the_reference(name, nq):
     assert 0 < info.density < 1
 
 
+def _group_chunk_group(cfg, g, H, Hkv):
+    """The chunking group of selection group g (the rule of rules.h)."""
+    if cfg.granularity == "layer":
+        return 0
+    return g // (H // Hkv) if cfg.granularity == "query_head" else g
+
+
+def _group_heads(cfg, g, H, Hkv):
+    if cfg.granularity == "layer":
+        return list(range(H))
+    if cfg.granularity == "query_head":
+        return [g]
+    G = H // Hkv
+    return list(range(g * G, (g + 1) * G))
+
+
+@pytest.mark.parametrize("name", ["dynamic", "fixed", "layer", "query_head"])
+@pytest.mark.parametrize("reuse", [2, 5])
+def test_reused_chunk_scores_are_the_scoring_steps(name, reuse):
+    """decode_reuse N: a group's chunk scores serve the single-query steps of
+    the N - 1 positions after the step that made them, unless a chunk of its
+    group closed; the selection is then the reference's with the scoring
+    step's queries and this step's sink / local / open chunk / budget."""
+    cfg = CONFIGS[name].replace(decode_reuse=reuse)
+    rng = np.random.default_rng(41)
+    L0, steps = 400, 40
+    k, v = chunky(rng, B, HKV, L0 + steps, D)
+    cache = filled(cfg, k[:, :, :L0], v[:, :, :L0])
+    SG = {"layer": 1, "query_head": H}.get(cfg.granularity, HKV)
+    made = {}  # (b, g) -> (length, bound count, q)
+    gran = "kv_head" if cfg.method == "block_topk" else cfg.granularity
+    total_reused = 0
+    for t in range(steps):
+        n = L0 + t + 1
+        cache.append(k[:, :, n - 1:n], v[:, :, n - 1:n])
+        q = queries(rng, B, H, 1, D)
+        out, info = dhsa.decode_attention(q, cache, return_info=True)
+        bounds = committed(cache)
+        score_q, want_reused = q.copy(), 0
+        for b in range(B):
+            for g in range(SG):
+                nb = len(bounds[b * cache.chunk_groups + _group_chunk_group(cfg, g, H, HKV)])
+                m = made.get((b, g))
+                if m is not None and n - m[0] < reuse and m[1] == nb:
+                    want_reused += 1
+                    heads = _group_heads(cfg, g, H, HKV)
+                    score_q[b, heads] = m[2][b, heads]
+                else:
+                    made[(b, g)] = (n, nb, q)
+        assert info.reused_groups == want_reused
+        total_reused += want_reused
+        ref = reference.decode_select(q, k[:, :, :n], bounds, budget=cfg.decode_budget,
+                                      sink=cfg.sink, local=cfg.local, granularity=gran,
+                                      key_norm=cfg.key_norm, score_q=score_q)
+        np.testing.assert_array_equal(info.offsets, ref["offsets"])
+        np.testing.assert_array_equal(info.starts, ref["starts"])
+        np.testing.assert_array_equal(info.ends, ref["ends"])
+        assert (info.keys_selected == cfg.decode_budget).all()
+        want = reference.attention_with_selection(q, k[:, :, :n], v[:, :, :n], ref["offsets"],
+                                                  ref["starts"], ref["ends"], 1)
+        np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
+    assert total_reused > 0  # the rule was exercised, not only its refusal
+
+
+def test_reuse_one_scores_every_step_and_crop_or_reorder_rescore():
+    cfg = CONFIGS["dynamic"]
+    rng = np.random.default_rng(42)
+    k, v = chunky(rng, B, HKV, 420, D)
+    plain = filled(cfg, k, v)
+    kept = filled(cfg.replace(decode_reuse=50), k, v)
+    q1, q2 = queries(rng, B, H, 1, D), queries(rng, B, H, 1, D)
+    # the first step scores; reuse 1 never reuses
+    assert dhsa.decode_attention(q1, kept, return_info=True)[1].reused_groups == 0
+    assert dhsa.decode_attention(q1, plain, return_info=True)[1].reused_groups == 0
+    assert dhsa.decode_attention(q2, plain, return_info=True)[1].reused_groups == 0
+    # the same position again: q2 gets q1's scores
+    out, info = dhsa.decode_attention(q2, kept, return_info=True)
+    assert info.reused_groups == B * HKV
+    # a crop or a reorder drops the kept scores
+    kept.crop(419)
+    assert dhsa.decode_attention(q2[:, :, :1], kept, return_info=True)[1].reused_groups == 0
+    kept.reorder([1, 0])
+    assert dhsa.decode_attention(q2[::-1], kept, return_info=True)[1].reused_groups == 0
+    # a multi-query call scores anew (and its scores serve later steps)
+    kept.append(k[:, :, :2], v[:, :, :2])
+    two = queries(rng, B, H, 2, D)
+    assert dhsa.decode_attention(two, kept, return_info=True)[1].reused_groups == 0
+    assert dhsa.decode_attention(two[:, :, 1:], kept, return_info=True)[1].reused_groups > 0
+    with pytest.raises(ValueError, match="decode_reuse"):
+        cfg.replace(decode_reuse=0)
+    with pytest.raises(TypeError, match="decode_reuse"):
+        cfg.replace(decode_reuse=1.5)
+
+
 def test_decode_with_a_window_and_softcap_matches_the_reference():
     cfg = CONFIGS["dynamic"]
     rng = np.random.default_rng(10)
@@ -302,6 +396,27 @@ def test_one_and_two_threads_give_identical_results():
     for a, b in zip(outs[0][0], outs[1][0]):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("name", ["dynamic", "query_head", "layer"])
+def test_one_kv_head_splits_its_heads_over_threads_with_identical_results(name):
+    """One batch item of one KV head (Gemma-3's shape) has fewer (batch, KV
+    head) items than threads: its query heads are split across them, and
+    every thread count gives the bits of one thread, which match the
+    reference."""
+    cfg = CONFIGS[name]
+    rng = np.random.default_rng(31)
+    h = 5  # not a multiple of the thread counts: uneven parts
+    k, v = chunky(rng, 1, 1, 600, D)
+    q = queries(rng, 1, h, 1, D)
+    cache = filled(cfg, k, v)
+    outs = [dhsa.decode_attention(q, cache, num_threads=t, return_info=True) for t in (1, 2, 3, 8)]
+    for out, _ in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0][0])
+    out, info = outs[0]
+    want = reference.attention_with_selection(q, k, v, info.offsets, info.starts, info.ends, 1)
+    np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
+    assert (info.keys_selected == cfg.decode_budget).all()
 
 
 def test_decode_picks_the_chunk_the_query_points_at():

@@ -125,10 +125,10 @@ def case(name):
     k1, v1 = np.ascontiguousarray(k[:, :, :1]), np.ascontiguousarray(v[:, :, :1])
 
     def cache_life():  # a whole cache: made, grown, read, cropped, reordered, dropped
-        c = dhsa.KVCache(dcfg, 2, 32, dtype=np.float16)
+        c = dhsa.KVCache(dcfg.replace(decode_reuse=3), 2, 32, dtype=np.float16)
         for i in range(0, Lk, 32):
             c.append(kh[:, :, i:i + 32].copy(), vh[:, :, i:i + 32].copy())
-        dhsa.decode_attention(q1, c, return_info=True)
+            dhsa.decode_attention(q1, c, return_info=True)  # kept scores, grown and reused
         c.crop(50)
         c.reorder([0, 0])
         c.keys(0, 10)

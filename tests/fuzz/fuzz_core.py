@@ -471,6 +471,8 @@ def call_cache(src, rng):
             kw.pop("causal", None)
             kw.update(budget=any_int(src, 0, 200), sink=any_int(src, 0, 40),
                       local=any_int(src, 0, 40))
+            if src.chance(0.5):
+                kw["reuse"] = any_int(src, 1, 6)
             kw["return_info"] = src.chance(0.5)
             ops.append(("decode", q, kw))
         elif op == "crop":
