@@ -128,6 +128,24 @@ def test_decode_budgets_add_sparse_decode_cells(tiny, tmp_path):
     assert _run(tiny, out, **grid) == []  # resumes
 
 
+def test_decode_reuses_are_cells_of_their_own_and_reuse_one_keeps_old_keys(tiny, tmp_path):
+    grid = dict(tasks=["ppl"], methods=["dense"], tails=[0], protocols=["exact"], samples=1,
+                decode_budgets=[512], decode_reuses=[1, 4])
+    dec = [c for c in sweep._plan(**{**GRID, **grid}) if c["protocol"] == "decode"]
+    assert sorted(str(c["decode_reuse"]) for c in dec) == ["4", "None"]
+    out = tmp_path / "r.jsonl"
+    rows = _run(tiny, out, **grid)
+    got = {r["decode_reuse"]: r for r in rows if r["protocol"] == "decode"}
+    assert set(got) == {None, 4}
+    # a row written before decode_reuse existed is the reuse-1 cell
+    old = {k: v for k, v in got[None].items() if k != "decode_reuse"}
+    assert sweep.cell_key(old) == sweep.cell_key(got[None]) != sweep.cell_key(got[4])
+    md = sweep.markdown_table(sweep.summarize_sweep(sweep.read_jsonl(out)))
+    assert "sparse decode 512, reuse 4" in md and "sparse decode 512 |" in md
+    with pytest.raises(ValueError, match="reuses"):
+        _run(tiny, out, **{**grid, "decode_reuses": [0]})
+
+
 def test_other_prompts_are_other_cells(tiny, tmp_path):
     """Another seed makes other prompts: nothing is skipped or paired across them."""
     out = tmp_path / "s.jsonl"

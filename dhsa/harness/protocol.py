@@ -52,9 +52,12 @@ __all__ = ["Runner", "VARIANTS", "EXACT_PREFILL", "achieved_density", "forced_ke
 EXACT_PREFILL = DHSAConfig(budget=2**31 - 1)
 
 
-def with_decode(cfg: Optional[DHSAConfig], decode_budget: int) -> DHSAConfig:
-    """The method's config (exact prefill for None) with sparse decode."""
-    return (EXACT_PREFILL if cfg is None else cfg).replace(decode_budget=int(decode_budget))
+def with_decode(cfg: Optional[DHSAConfig], decode_budget: int,
+                decode_reuse: int = 1) -> DHSAConfig:
+    """The method's config (exact prefill for None) with sparse decode (its
+    chunk scores serving ``decode_reuse`` steps)."""
+    return (EXACT_PREFILL if cfg is None else cfg).replace(decode_budget=int(decode_budget),
+                                                          decode_reuse=int(decode_reuse))
 
 #: methods whose selection of a one-query block depends on that query and its past only
 PER_QUERY_CAUSAL = ("dhsa", "block_topk", "streaming", "oracle")
@@ -231,20 +234,22 @@ class Runner:
     # -- retrieval -----------------------------------------------------------------
     def answer(self, prompt_ids: Sequence[int], cfg: Optional[DHSAConfig], *,
                max_new_tokens: int, tail: int = 0, eos_token_id=None,
-               decode_budget: Optional[int] = None, step_tail: int = 0) -> Dict:
+               decode_budget: Optional[int] = None, step_tail: int = 0,
+               decode_reuse: int = 1) -> Dict:
         """Greedy answer to a prompt: {tokens, text (if a tokenizer was given),
         density (of the method's prefill over the layers that ran sparse; 1.0
         for exact attention, None if no layer ran sparse), sparse_layers (those
         layers), prefill_seconds, seconds}. ``cfg`` None is exact attention; ``tail`` > 0 prefills the
         last ``tail`` prompt tokens exactly. ``decode_budget``: the answer (and
         the last ``step_tail`` prompt tokens, one step each) through sparse
-        decode; the result then holds ``decode_density``."""
+        decode; the result then holds ``decode_density``. ``decode_reuse``:
+        DHSAConfig.decode_reuse of those steps."""
         t0 = time.perf_counter()
         ids = list(prompt_ids)
         if tail < 0 or step_tail < 0:
             raise ValueError(f"tail and step_tail must be >= 0, got {tail}, {step_tail}")
         if decode_budget is not None:
-            return self._answer_decoding(ids, with_decode(cfg, decode_budget),
+            return self._answer_decoding(ids, with_decode(cfg, decode_budget, decode_reuse),
                                          max_new_tokens=max_new_tokens, tail=tail,
                                          step_tail=step_tail, eos_token_id=eos_token_id, t0=t0,
                                          exact_prefill=cfg is None)
@@ -323,14 +328,15 @@ class Runner:
     # -- losses --------------------------------------------------------------------
     def causal_nll(self, prefix_ids: Sequence[int], continuation_ids: Sequence[int],
                    cfg: Optional[DHSAConfig], *, continuation: str = "exact",
-                   decode_budget: Optional[int] = None) -> Dict:
+                   decode_budget: Optional[int] = None, decode_reuse: int = 1) -> Dict:
         """Per-token loss of ``continuation_ids`` after ``prefix_ids``, each
         token seeing only its past: {nll (array, one per continuation token),
         density (of the prefix prefill; None if no layer ran sparse), seconds,
         and for ``continuation="sparse"`` the continuation_density}.
         ``continuation``: "exact" or "sparse" (the method, one selection per
         query), or "decode": one sparse decode step per token with
-        ``decode_budget`` keys (the result holds its ``decode_density``)."""
+        ``decode_budget`` keys (the result holds its ``decode_density``), the
+        chunk scores of a step serving ``decode_reuse`` steps."""
         if continuation not in ("exact", "sparse", "decode"):
             raise ValueError(f"continuation must be 'exact', 'sparse' or 'decode', got "
                              f"{continuation!r}")
@@ -340,7 +346,8 @@ class Runner:
         if not cont or not prefix_ids:
             raise ValueError("causal_nll needs a non-empty prefix and continuation")
         if continuation == "decode":
-            return self._nll_decoding(prefix_ids, cont, with_decode(cfg, decode_budget),
+            return self._nll_decoding(prefix_ids, cont,
+                                      with_decode(cfg, decode_budget, decode_reuse),
                                       exact_prefill=cfg is None)
         per_query = (per_query_config(cfg) if cfg is not None and continuation == "sparse"
                      else None)

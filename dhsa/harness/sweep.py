@@ -43,7 +43,7 @@ SWEEP_METHODS = ("dense", "dhsa", "dhsa_max", "block_topk", "streaming", "vertic
 PPL_SCORED = 256
 #: fields that say what a cell ran (the rest of a row is what it measured)
 KEY_FIELDS = ("model", "task", "haystack", "length", "sample", "method", "density_target",
-              "tail", "protocol", "prompt_hash", "decode_budget")
+              "tail", "protocol", "prompt_hash", "decode_budget", "decode_reuse")
 #: prompt tokens (the question) a sparse-decode retrieval cell feeds one step
 #: at a time after the prefill, as Quest evaluates
 STEP_TAIL = 32
@@ -136,11 +136,12 @@ def _build_prompt(task: str, tokenizer, fmt: str, length: int, i: int, samples: 
 # ---- the sweep -------------------------------------------------------------------
 
 def _plan(tasks, lengths, samples, methods, densities, tails, protocols,
-          decode_budgets=()) -> List[Dict]:
+          decode_budgets=(), decode_reuses=(1,)) -> List[Dict]:
     """Every cell of the grid, in run order: by length, task, sample, then methods
     (so that one prompt serves all its methods). Each decode budget adds a
     cell per method and density with protocol "decode": the method's prefill,
-    then sparse decode (dense: an exact prefill, then sparse decode)."""
+    then sparse decode (dense: an exact prefill, then sparse decode), one per
+    decode_reuse (recorded as None for 1, the default)."""
     cells = []
     for L in lengths:
         for task in tasks:
@@ -160,9 +161,11 @@ def _plan(tasks, lengths, samples, methods, densities, tails, protocols,
                         for b in decode_budgets:
                             if m == "vertical_slash":
                                 continue  # its keys come from the last queries of a prefill
-                            cells.append(dict(task=task, length=L, sample=i, method=m,
-                                              density_target=rho, tail=0, protocol="decode",
-                                              decode_budget=int(b)))
+                            for ru in decode_reuses:
+                                cells.append(dict(task=task, length=L, sample=i, method=m,
+                                                  density_target=rho, tail=0, protocol="decode",
+                                                  decode_budget=int(b),
+                                                  decode_reuse=int(ru) if ru > 1 else None))
     return cells
 
 
@@ -175,9 +178,10 @@ def _run_cell(runner, cell: Dict, p: _Prompt, cfg) -> Dict:
     """What one cell measured: score, density, time (and the answer for retrieval)."""
     from .tasks import score_output
     budget = cell.get("decode_budget")
+    reuse = cell.get("decode_reuse") or 1
     if p.sample is None or p.sample.scoring == "loss":
         r = runner.causal_nll(p.prefix, p.continuation, cfg, continuation=cell["protocol"],
-                              decode_budget=budget)
+                              decode_budget=budget, decode_reuse=reuse)
         out = dict(score=float(np.mean(r["nll"])), scoring="loss",
                    scored_tokens=len(p.continuation))
         if "continuation_density" in r:
@@ -186,7 +190,7 @@ def _run_cell(runner, cell: Dict, p: _Prompt, cfg) -> Dict:
         s = p.sample
         steps = min(STEP_TAIL, len(s.prompt_ids) // 2) if budget else 0
         r = runner.answer(s.prompt_ids, cfg, max_new_tokens=s.max_new_tokens, tail=cell["tail"],
-                          decode_budget=budget, step_tail=steps)
+                          decode_budget=budget, step_tail=steps, decode_reuse=reuse)
         out = dict(score=score_output(s, r["text"]), scoring=s.scoring, output=r["text"],
                    answers=s.answers)
         ref = s.meta.get("rouge_reference")
@@ -203,7 +207,7 @@ def run_sweep(model_name: str, *, tasks: Sequence[str], lengths: Sequence[int], 
               methods: Sequence[str], densities: Sequence[float], tails: Sequence[int] = (0,),
               protocols: Sequence[str] = ("exact",), haystack: str = "noise",
               haystack_dir: Optional[str] = None, out: str, seed: int = 0,
-              decode_budgets: Sequence[int] = (),
+              decode_budgets: Sequence[int] = (), decode_reuses: Sequence[int] = (1,),
               num_threads: Optional[int] = None, model=None, tokenizer=None,
               command: str = "", progress: bool = True, log=print) -> List[Dict]:
     """Run the cells of the grid not yet in ``out`` (JSONL), appending each
@@ -226,7 +230,10 @@ def run_sweep(model_name: str, *, tasks: Sequence[str], lengths: Sequence[int], 
     done = {cell_key(r) for r in read_jsonl(out)}
     if any(b < 1 for b in decode_budgets):
         raise ValueError(f"decode budgets must be >= 1, got {list(decode_budgets)}")
-    cells = _plan(tasks, lengths, samples, methods, densities, tails, protocols, decode_budgets)
+    if any(r < 1 for r in decode_reuses):
+        raise ValueError(f"decode reuses must be >= 1, got {list(decode_reuses)}")
+    cells = _plan(tasks, lengths, samples, methods, densities, tails, protocols, decode_budgets,
+                  decode_reuses)
     for c in cells:  # every prompt and config first: a grid that cannot run fails now
         pk = (c["task"], c["length"], c["sample"])
         if pk not in prompts:
@@ -240,7 +247,8 @@ def run_sweep(model_name: str, *, tasks: Sequence[str], lengths: Sequence[int], 
         if ck not in configs:
             configs[ck] = matched_config(c["method"], c["density_target"], ck[2]) \
                 if c["method"] != "dense" else None
-        row = {"model": model_name, "decode_budget": None, **c, "haystack": p.haystack,
+        row = {"model": model_name, "decode_budget": None, "decode_reuse": None, **c,
+               "haystack": p.haystack,
                "prompt_hash": p.hash}
         if cell_key(row) not in done:
             todo.append((row, p, configs[ck]))
@@ -289,7 +297,7 @@ def run_sweep(model_name: str, *, tasks: Sequence[str], lengths: Sequence[int], 
 # ---- the table -------------------------------------------------------------------
 
 GROUP_FIELDS = ("model", "task", "haystack", "length", "method", "density_target", "tail",
-                "protocol", "decode_budget")
+                "protocol", "decode_budget", "decode_reuse")
 
 
 def _depth_bin(depth: float) -> int:
@@ -419,27 +427,28 @@ def markdown_table(entries: Sequence[Dict]) -> str:
             dense[base] = e
         else:  # dense under sparse decode: a row of its own, beside the methods'
             by[base + (e["density_target"], e["tail"], e["protocol"],
-                       e.get("decode_budget"))][e["method"]] = e
+                       e.get("decode_budget"), e.get("decode_reuse"))][e["method"]] = e
     for key in [k for k in by if k[6] == "decode"]:  # decode rows carry every density's dense
         for k2 in by:
-            if k2[:4] == key[:4] and k2[6] == "decode" and k2[7] == key[7] and k2[4] is None:
+            if k2[:4] == key[:4] and k2[6] == "decode" and k2[7:] == key[7:] and k2[4] is None:
                 by[key].setdefault("dense", by[k2]["dense"])
     for base in dense:  # a dense-only sweep still gets its rows
         if not any(k[:4] == base for k in by):
-            by[base + (None, 0, None, None)] = {}
+            by[base + (None, 0, None, None, None)] = {}
     head = ["model", "task", "L", "density target", "tail / scoring", "n"] + methods
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for k in sorted(by, key=lambda k: (k[0], k[1], k[2], k[3], k[4] or 0, k[5], str(k[6]),
-                                       k[7] or 0)):
+                                       k[7] or 0, k[8] or 1)):
         if k[6] == "decode" and k[4] is None and any(
-                k2[:4] == k[:4] and k2[6] == "decode" and k2[7] == k[7] and k2[4] is not None
+                k2[:4] == k[:4] and k2[6] == "decode" and k2[7:] == k[7:] and k2[4] is not None
                 for k2 in by):
             continue  # shown in the decode rows of the densities
         row = dict(by[k])
         if k[:4] in dense and "dense" not in row:
             row["dense"] = dense[k[:4]]
         n = max(e["n"] for e in row.values())
-        how = (f"sparse decode {k[7]}" if k[6] == "decode" else f"{k[6]} continuation" if k[6]
+        how = (f"sparse decode {k[7]}" + (f", reuse {k[8]}" if k[8] else "")
+               if k[6] == "decode" else f"{k[6]} continuation" if k[6]
                else f"tail {k[5]}" if k[5] else "no tail")
         cells = [_fmt_cell(row[m], k[4], n) if m in row else "-" for m in methods]
         rho = "-" if k[4] is None else f"{k[4]:.3f}"
@@ -504,6 +513,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(retrieval: the question's last %d prompt tokens and the answer through "
                         "decode steps; copy / ppl: every scored token one step) - dense gets an "
                         "exact prefill and sparse decode" % STEP_TAIL)
+    p.add_argument("--decode-reuses", type=int, nargs="+", default=[1],
+                   help="DHSAConfig.decode_reuse values of the decode cells: a step's chunk "
+                        "scores serve this many steps (default 1: every step scores)")
     p.add_argument("--haystack", choices=HAYSTACKS, default="noise",
                    help="noise sentences or essay text (passkey always uses noise)")
     p.add_argument("--haystack-dir", default=None,
@@ -527,7 +539,7 @@ def run(args: argparse.Namespace) -> int:
                   methods=args.methods, densities=args.densities, tails=args.tails,
                   protocols=args.protocols, haystack=args.haystack,
                   haystack_dir=args.haystack_dir, out=args.out, seed=args.seed,
-                  decode_budgets=args.decode_budgets,
+                  decode_budgets=args.decode_budgets, decode_reuses=args.decode_reuses,
                   num_threads=args.threads, command=" ".join(["python -m dhsa"] + sys.argv[1:]),
                   progress=not args.no_progress)
     except ValueError as exc:
