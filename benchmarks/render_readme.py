@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import re
 import statistics
 import sys
@@ -586,24 +587,36 @@ def _task_cell(e: Optional[dict], target: Optional[float], n: int) -> str:
 
 
 def _task_rows(doc: dict):
-    """[((task, length, density target, tail, protocol), {method: entry})], dense
-    entries shown in every configuration of their task and length."""
-    dense = {}
+    """[((task, length, density target, tail, protocol, decode budget, decode
+    reuse), {method: entry})], exact dense entries shown in every
+    configuration of their task and length but the sparse-decode ones, whose
+    dense column is dense under sparse decode (an exact prefill, then sparse
+    decode; its ↓ compares it with exact dense)."""
+    dense, dense_decode = {}, {}
     groups: Dict[tuple, dict] = defaultdict(dict)
     for e in doc["entries"]:
-        if e["method"] == "dense":
+        dec = (e.get("decode_budget"), e.get("decode_reuse"))
+        if e["method"] == "dense" and e["protocol"] == "decode":
+            dense_decode[(e["task"], e["length"]) + dec] = e
+        elif e["method"] == "dense":
             dense[(e["task"], e["length"])] = e
         else:
-            groups[(e["task"], e["length"], e["density_target"], e["tail"], e["protocol"])][
-                e["method"]] = e
+            groups[(e["task"], e["length"], e["density_target"], e["tail"], e["protocol"])
+                   + dec][e["method"]] = e
     for (task, length) in dense:
         if not any(k[:2] == (task, length) for k in groups):
-            groups[(task, length, None, 0, None)] = {}
+            groups[(task, length, None, 0, None, None, None)] = {}
+    for key in dense_decode:
+        if not any(k[:2] == key[:2] and k[4] == "decode" and k[5:] == key[2:] for k in groups):
+            groups[key[:2] + (None, 0, "decode") + key[2:]] = {}
     for k in groups:
-        if (k[0], k[1]) in dense:
+        if k[4] == "decode":
+            if k[:2] + k[5:] in dense_decode:
+                groups[k]["dense"] = dense_decode[k[:2] + k[5:]]
+        elif (k[0], k[1]) in dense:
             groups[k]["dense"] = dense[(k[0], k[1])]
     order = sorted(groups, key=lambda k: (TASK_ORDER.index(k[0]) if k[0] in TASK_ORDER else 99,
-                                          k[1], k[2] or 0, k[3], str(k[4])))
+                                          k[1], k[2] or 0, k[3], str(k[4]), k[5] or 0, k[6] or 1))
     return [(k, groups[k]) for k in order]
 
 
@@ -627,8 +640,10 @@ def block_tasks(res: Results) -> str:
     for model, label, name, doc in _task_docs(res):
         rows = []
         methods = _methods_of(_task_rows(doc))
-        for (task, length, rho, tail, proto), cells in _task_rows(doc):
-            how = (f", {proto} continuation" if proto else f", dense tail {tail}" if tail else "")
+        for (task, length, rho, tail, proto, budget, reuse), cells in _task_rows(doc):
+            how = (f", sparse decode {klen(budget)}" + (f" (reuse {reuse})" if reuse else "")
+                   if proto == "decode" else f", {proto} continuation" if proto
+                   else f", dense tail {tail}" if tail else "")
             n = max(e["n"] for e in cells.values())
             rows.append([TASK_NAMES.get(task, task) + how, klen(length),
                          "–" if rho is None else f"{rho:.3f}", str(n)]
@@ -700,6 +715,23 @@ def block_tasks_notes(res: Results) -> str:
                 lines.append(f"  {ours} against {other}, row by row (mean score, not a test): "
                              f"ahead in {ahead}, behind in {behind}, tied in {tied} of "
                              f"{ahead + behind + tied} rows.")
+        for k, cells in rows:  # sparse decode against exact decode, the same prompts
+            d = cells.get("dense")
+            if k[4] != "decode" or not d or d.get("diff_vs_dense") is None:
+                continue
+            what = (f"  sparse decode {klen(k[5])}" + (f" (reuse {k[6]})" if k[6] else "")
+                    + f" after an exact prefill against exact decode, {TASK_NAMES.get(k[0], k[0])} "
+                      f"at {klen(k[1])} (decode density {d['decode_density']:.3f}), n = "
+                      f"{d['n_paired']}: ")
+            if d["scoring"] == "loss":
+                what += (f"{d['diff_vs_dense']:+.4f} nats/token [{d['diff_ci_low']:+.4f}, "
+                         f"{d['diff_ci_high']:+.4f}], perplexity "
+                         f"{100 * (math.exp(d['diff_vs_dense']) - 1):+.1f}%.")
+            else:
+                what += (f"{100 * d['mean']:.0f}% against {100 * (d['mean'] - d['diff_vs_dense']):.0f}%"
+                         f" ({100 * d['diff_vs_dense']:+.0f} points [{100 * d['diff_ci_low']:+.0f}, "
+                         f"{100 * d['diff_ci_high']:+.0f}]).")
+            lines.append(what)
         if model == "gemma3":
             lines += _goal_lines(rows)
     return "\n".join(lines) + "\n" if lines else "No task sweep results yet.\n"
