@@ -396,11 +396,16 @@ def _model_rows(res: Results):
     return doc, by, budgets, llama
 
 
+def _llama_prefill_names(res: Results) -> List[str]:
+    """The bench_llama.py result files (prefill); bench_llama_decode.py's stand apart."""
+    return [n for n in res.names("bench_llama*") if res.json(n).get("benchmark") == "bench_llama"]
+
+
 def _llama_files(res: Results, *, same_machine: bool) -> List[str]:
     """The llama.cpp results measured on bench_model's machine (or on another):
     only those may stand beside its numbers."""
     here = machine_short(res.json("bench_model").get("machine"))
-    return [n for n in res.names("bench_llama*")
+    return [n for n in _llama_prefill_names(res)
             if (machine_short(res.json(n).get("machine")) == here) == same_machine]
 
 
@@ -463,7 +468,7 @@ def block_model_notes(res: Results) -> str:
 
 
 def block_llama_setup(res: Results) -> str:
-    names = res.names("bench_llama*")
+    names = _llama_prefill_names(res)
     versions = sorted({res.json(n)["machine"].get("llama_cpp_python") or "?" for n in names})
     flash = sorted({str((res.json(n).get("config") or {}).get("flash_attn")) for n in names})
     text = (f"llama.cpp prefills the same GGUF (Q4_1 weights, its own kernels, flash attention "
@@ -588,14 +593,14 @@ def _task_cell(e: Optional[dict], target: Optional[float], n: int) -> str:
 
 def _task_rows(doc: dict):
     """[((task, length, density target, tail, protocol, decode budget, decode
-    reuse), {method: entry})], exact dense entries shown in every
+    reuse, decode score), {method: entry})], exact dense entries shown in every
     configuration of their task and length but the sparse-decode ones, whose
     dense column is dense under sparse decode (an exact prefill, then sparse
     decode; its ↓ compares it with exact dense)."""
     dense, dense_decode = {}, {}
     groups: Dict[tuple, dict] = defaultdict(dict)
     for e in doc["entries"]:
-        dec = (e.get("decode_budget"), e.get("decode_reuse"))
+        dec = (e.get("decode_budget"), e.get("decode_reuse"), e.get("decode_score"))
         if e["method"] == "dense" and e["protocol"] == "decode":
             dense_decode[(e["task"], e["length"]) + dec] = e
         elif e["method"] == "dense":
@@ -605,7 +610,7 @@ def _task_rows(doc: dict):
                    + dec][e["method"]] = e
     for (task, length) in dense:
         if not any(k[:2] == (task, length) for k in groups):
-            groups[(task, length, None, 0, None, None, None)] = {}
+            groups[(task, length, None, 0, None, None, None, None)] = {}
     for key in dense_decode:
         if not any(k[:2] == key[:2] and k[4] == "decode" and k[5:] == key[2:] for k in groups):
             groups[key[:2] + (None, 0, "decode") + key[2:]] = {}
@@ -616,8 +621,15 @@ def _task_rows(doc: dict):
         elif (k[0], k[1]) in dense:
             groups[k]["dense"] = dense[(k[0], k[1])]
     order = sorted(groups, key=lambda k: (TASK_ORDER.index(k[0]) if k[0] in TASK_ORDER else 99,
-                                          k[1], k[2] or 0, k[3], str(k[4]), k[5] or 0, k[6] or 1))
+                                          k[1], k[2] or 0, k[3], str(k[4]), k[5] or 0, k[6] or 1,
+                                          k[7] or ""))
     return [(k, groups[k]) for k in order]
+
+
+def _decode_options(reuse, score) -> str:
+    """' (reuse 8, bounds scores)' for the decode options off their defaults."""
+    opts = ([f"reuse {reuse}"] if reuse else []) + ([f"{score} scores"] if score else [])
+    return f" ({', '.join(opts)})" if opts else ""
 
 
 def _task_sources(name: str, doc: dict) -> str:
@@ -640,8 +652,8 @@ def block_tasks(res: Results) -> str:
     for model, label, name, doc in _task_docs(res):
         rows = []
         methods = _methods_of(_task_rows(doc))
-        for (task, length, rho, tail, proto, budget, reuse), cells in _task_rows(doc):
-            how = (f", sparse decode {klen(budget)}" + (f" (reuse {reuse})" if reuse else "")
+        for (task, length, rho, tail, proto, budget, reuse, dscore), cells in _task_rows(doc):
+            how = (f", sparse decode {klen(budget)}" + _decode_options(reuse, dscore)
                    if proto == "decode" else f", {proto} continuation" if proto
                    else f", dense tail {tail}" if tail else "")
             n = max(e["n"] for e in cells.values())
@@ -719,7 +731,7 @@ def block_tasks_notes(res: Results) -> str:
             d = cells.get("dense")
             if k[4] != "decode" or not d or d.get("diff_vs_dense") is None:
                 continue
-            what = (f"  sparse decode {klen(k[5])}" + (f" (reuse {k[6]})" if k[6] else "")
+            what = (f"  sparse decode {klen(k[5])}" + _decode_options(k[6], k[7])
                     + f" after an exact prefill against exact decode, {TASK_NAMES.get(k[0], k[0])} "
                       f"at {klen(k[1])} (decode density {d['decode_density']:.3f}), n = "
                       f"{d['n_paired']}: ")
@@ -1035,6 +1047,32 @@ def block_bench_generate(res: Results) -> str:
     return head + table(["L", "method", "prefill", "decode ms/token", "tokens/s", "× sdpa",
                          "decode density", "same tokens as exact decode"], rows, "llrrrrrl") + \
         "\n\n" + sources(res, ["bench_generate"]) + "\n"
+
+
+def block_llama_decode(res: Results) -> str:
+    doc = res.json("bench_llama_decode")
+    gen = res.json("bench_generate")
+    same = machine_short(doc.get("machine")) == machine_short(gen.get("machine"))
+    ours = {(r["L"], r["method"]): r for r in gen["rows"]}
+    rows = []
+    for r in doc["rows"]:
+        sp = ours.get((r["L"], "dhsa_sparse")) if same else None
+        rows.append([klen(r["L"]), f"{r['tokens_per_s']:.2f}", ms(r["decode_ms"]),
+                     f"{r.get('type_k')}/{r.get('type_v')}",
+                     f"{sp['tokens_per_s']:.2f}" if sp else "–",
+                     times(sp["tokens_per_s"] / r["tokens_per_s"]) if sp else "–"])
+    build = doc["machine"].get("llama_cpp_build") or "?"
+    head = (f"**llama.cpp** decoding the same GGUF (Q4_1 weights, its own kernels and KV "
+            f"cache, flash attention {doc['config']['flash_attn']}, {doc['config']['threads']} "
+            f"threads; `llama-bench` build {build}, {doc['config']['tokens']} decode steps after "
+            f"filling the context to L; `bench_llama_decode.py`), "
+            + ("on the machine of the table above but in a separate run, beside dhsa's sparse "
+               "decode from that table (4-bit weights against float32, so the ratio mixes "
+               "weight formats with attention):\n\n" if same else
+               "on another machine than the table above, so no ratio is formed:\n\n"))
+    return head + table(["L", "llama.cpp tokens/s", "ms/token", "K/V type",
+                         "dhsa sparse decode tokens/s", "dhsa / llama.cpp"], rows, "rrrlrr") + \
+        "\n\n" + sources(res, ["bench_llama_decode"]) + "\n"
 
 
 GENERATE_LABEL = {"sdpa": "HF sdpa", "dhsa_exact": "dhsa, exact decode",

@@ -11,7 +11,9 @@
  *   - the scan (dhsa_chunking_take), run as far as its look-ahead allows
  *     (t + nms_radius scored): its boundaries are committed and never move;
  *   - a float32 representation of every closed chunk, made once when it
- *     closes, from the stored keys (O(D) per key in all).
+ *     closes, from the stored keys (O(D) per key in all), and with
+ *     decode_score "bounds" the per-dimension min and max of its head-mean
+ *     keys (Quest's page bounds: r_q . k <= sum_d max(r_q lo, r_q hi)).
  * Nothing is re-scanned: an append costs O(new keys * heads * D) beyond the
  * copy. The keys after the last committed boundary (at most
  * max_chunk + boundary_window + nms_radius of them) form the open chunk,
@@ -19,7 +21,7 @@
  *
  * A decode step is one block of the last nq queries: the sink, local and
  * budget rules of the prefill (rules.h), the open chunk kept, closed chunks
- * by their representation's score through the prefill's budget rule
+ * by their score (the representation's, or its bounds') through the prefill's budget rule
  * (dhsa_cover_take), then the sparse kernel of attention.c on the stored
  * K/V (float16 stays float16), per (batch, KV head) with threads across
  * them.
@@ -45,6 +47,7 @@ typedef struct {
     int64_t *bounds;        /* (bounds_cap) committed: 0, ..., open chunk start */
     int64_t nb, bounds_cap;
     float *reps;            /* (bounds_cap - 1, D) closed chunk representations */
+    float *lo, *hi;         /* (bounds_cap - 1, D) their keys' min / max, or NULL ("mean") */
 } chunk_state;
 
 /* chunk scores of one selection group, kept for later decode steps */
@@ -127,7 +130,7 @@ static const double *model_of(const dhsa_kv_cache *c, int64_t cg) {
 }
 
 static void state_free(chunk_state *g) {
-    free(g->ring); free(g->score); free(g->bounds); free(g->reps);
+    free(g->ring); free(g->score); free(g->bounds); free(g->reps); free(g->lo); free(g->hi);
     memset(g, 0, sizeof(*g));
 }
 
@@ -141,6 +144,11 @@ static int state_init(chunk_state *g, const dhsa_kv_cache *c, int64_t cg) {
     g->bounds_cap = 16;
     g->bounds = malloc((size_t)g->bounds_cap * sizeof(int64_t));
     g->reps = malloc((size_t)(g->bounds_cap * c->D) * sizeof(float));
+    if (c->p.decode_score == DHSA_DECODE_BOUNDS) {
+        g->lo = malloc((size_t)(g->bounds_cap * c->D) * sizeof(float));
+        g->hi = malloc((size_t)(g->bounds_cap * c->D) * sizeof(float));
+        if (!g->lo || !g->hi) { state_free(g); return DHSA_ENOMEM; }
+    }
     if (!g->ring || !g->bounds || !g->reps) { state_free(g); return DHSA_ENOMEM; }
     g->bounds[0] = 0;
     g->nb = 1;
@@ -165,23 +173,40 @@ static int state_reserve(chunk_state *g, int64_t D, int64_t need, int64_t nb_nee
         float *r = realloc(g->reps, (size_t)(cap * D) * sizeof(float));
         if (!r) return DHSA_ENOMEM;
         g->reps = r;
+        if (g->lo) {
+            float *lo = realloc(g->lo, (size_t)(cap * D) * sizeof(float));
+            if (!lo) return DHSA_ENOMEM;
+            g->lo = lo;
+            float *hi = realloc(g->hi, (size_t)(cap * D) * sizeof(float));
+            if (!hi) return DHSA_ENOMEM;
+            g->hi = hi;
+        }
         g->bounds_cap = cap;
     }
     return DHSA_OK;
 }
 
 /* Commit boundary t: chunk [last, t) closes and gets its representation,
- * the head mean of its keys summed in order, over n ** key_norm. */
+ * the head mean of its keys summed in order, over n ** key_norm (and the
+ * min / max of those head means, rounded to float32, where kept). */
 static void commit(dhsa_kv_cache *c, int64_t b, chunk_state *g, int64_t t, double *tmp) {
     const int64_t a = g->bounds[g->nb - 1], D = c->D;
     double *acc = tmp + g->W;
+    float *lo = g->lo ? g->lo + (g->nb - 1) * D : NULL;
+    float *hi = g->hi ? g->hi + (g->nb - 1) * D : NULL;
     for (int64_t d = 0; d < D; d++) acc[d] = 0.0;
     for (int64_t x = a; x < t; x++) {
         key_row(c, b, g, x, tmp);
         for (int64_t d = 0; d < D; d++) {
             double m = 0.0;
             for (int64_t h = 0; h < g->heads; h++) m += tmp[h * D + d];
-            acc[d] += m / (double)g->heads;
+            m /= (double)g->heads;
+            acc[d] += m;
+            if (lo) { /* rounding is monotonic: the float32 min is the min's rounding */
+                const float f = (float)m;
+                lo[d] = x == a ? f : DHSA_MIN(lo[d], f);
+                hi[d] = x == a ? f : DHSA_MAX(hi[d], f);
+            }
         }
     }
     const double norm = dhsa_repr_norm(t - a, key_norm(&c->p));
@@ -251,7 +276,8 @@ int dhsa_kv_cache_create(dhsa_kv_cache **out, int64_t B, int64_t Hkv, int64_t D,
         rp.normalization < 0 || rp.normalization > 2 || rp.max_chunks != 0 ||
         rp.chunk_size < 1 || rp.boundary_window < 1 || rp.min_chunk < 1 ||
         rp.max_chunk < rp.min_chunk || rp.nms_radius < 0 || !isfinite(rp.threshold) ||
-        rp.boundary_window > (1 << 20) || rp.nms_radius > (1 << 20))
+        rp.boundary_window > (1 << 20) || rp.nms_radius > (1 << 20) ||
+        rp.decode_score < 0 || rp.decode_score > 1)
         return DHSA_EINVAL;
     if (rp.boundary_model && rp.chunking != DHSA_CHUNK_DYNAMIC) return DHSA_EINVAL;
     dhsa_kv_cache *c = calloc(1, sizeof(*c));
@@ -289,7 +315,8 @@ void dhsa_kv_cache_bytes(const dhsa_kv_cache *c, int64_t *kv_bytes, int64_t *sta
     int64_t st = 0;
     for (int64_t i = 0; c && i < c->B * c->CG; i++) {
         const chunk_state *g = &c->cs[i];
-        st += c->ring_rows * g->W * 8 + g->score_cap * 8 + g->bounds_cap * (8 + c->D * 4);
+        st += c->ring_rows * g->W * 8 + g->score_cap * 8 + g->bounds_cap * (8 + c->D * 4)
+              + (g->lo ? 2 * g->bounds_cap * c->D * 4 : 0);
     }
     for (int64_t i = 0; c && i < c->memo_n; i++) st += c->memo[i].cap * 8;
     if (kv_bytes) *kv_bytes = c ? 2 * c->B * c->Hkv * c->cap * c->D * (int64_t)c->esz : 0;
@@ -426,9 +453,18 @@ static int state_copy(chunk_state *dst, const chunk_state *src, const dhsa_kv_ca
     dst->score = malloc((size_t)DHSA_MAX(src->score_cap, 1) * sizeof(double));
     dst->bounds = malloc((size_t)src->bounds_cap * sizeof(int64_t));
     dst->reps = malloc((size_t)(src->bounds_cap * c->D) * sizeof(float));
-    if (!dst->ring || !dst->score || !dst->bounds || !dst->reps) {
+    dst->lo = dst->hi = NULL;
+    if (src->lo) {
+        dst->lo = malloc((size_t)(src->bounds_cap * c->D) * sizeof(float));
+        dst->hi = malloc((size_t)(src->bounds_cap * c->D) * sizeof(float));
+    }
+    if (!dst->ring || !dst->score || !dst->bounds || !dst->reps || (src->lo && (!dst->lo || !dst->hi))) {
         state_free(dst);
         return DHSA_ENOMEM;
+    }
+    if (src->lo) {
+        memcpy(dst->lo, src->lo, (size_t)(src->bounds_cap * c->D) * sizeof(float));
+        memcpy(dst->hi, src->hi, (size_t)(src->bounds_cap * c->D) * sizeof(float));
     }
     memcpy(dst->ring, src->ring, (size_t)(c->ring_rows * src->W) * sizeof(double));
     if (src->score_cap) memcpy(dst->score, src->score, (size_t)src->score_cap * sizeof(double));
@@ -530,6 +566,23 @@ static double rep_score(const double *rq, const float *rep, int64_t D) {
     return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
+/* sum_d max(r_q[d] lo[d], r_q[d] hi[d]), summed as rep_score sums */
+static double bounds_score(const double *rq, const float *lo, const float *hi, int64_t D) {
+    double acc[4] = {0, 0, 0, 0};
+    int64_t d = 0;
+    for (; d + 4 <= D; d += 4)
+        for (int u = 0; u < 4; u++)
+            acc[u] += rq[d + u] * (double)(rq[d + u] >= 0.0 ? hi[d + u] : lo[d + u]);
+    for (; d < D; d++) acc[0] += rq[d] * (double)(rq[d] >= 0.0 ? hi[d] : lo[d]);
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+/* closed chunk ch of g scored for r_q, by the cache's decode_score */
+static double chunk_score(const double *rq, const chunk_state *g, int64_t ch, int64_t D) {
+    return g->lo ? bounds_score(rq, g->lo + ch * D, g->hi + ch * D, D)
+                 : rep_score(rq, g->reps + ch * D, D);
+}
+
 /* The selection of selection group sg of batch item b (see dhsa.h): merged
  * ranges into starts / ends (room for the closed chunks + 3), returns their
  * number. m: the group's kept scores (NULL: no reuse), used when reuse_at
@@ -579,7 +632,7 @@ static int64_t decode_select(int32_t *starts, int32_t *ends, const dhsa_kv_cache
             for (int64_t d = 0; d < D; d++) rq[d] *= inv;
             if (m) {
                 for (int64_t ch = first; ch < g->nb - 1; ch++)
-                    m->score[ch - first] = rep_score(rq, g->reps + ch * D, D);
+                    m->score[ch - first] = chunk_score(rq, g, ch, D);
                 m->made_at = c->n;
                 m->nb = g->nb;
                 m->first = first;
@@ -590,7 +643,7 @@ static int64_t decode_select(int32_t *starts, int32_t *ends, const dhsa_kv_cache
             dhsa_piece pc;
             pc.a = DHSA_MAX(keep.sink_end, g->bounds[ch]);
             pc.b = DHSA_MIN(tail_a, g->bounds[ch + 1]);
-            pc.score = m ? m->score[ch - first] : rep_score(rq, g->reps + ch * D, D);
+            pc.score = m ? m->score[ch - first] : chunk_score(rq, g, ch, D);
             pc.logm = 0.0;
             dhsa_cover_offer(&cov, &pc);
         }

@@ -216,6 +216,13 @@ enum dhsa_chunk_score {
     DHSA_SCORE_MAX = 1,       /* "max": the largest r_q . k_j over the piece's keys */
 };
 
+enum dhsa_decode_score {
+    DHSA_DECODE_MEAN = 0,     /* "mean": r_q . r_c, the chunk's representation */
+    DHSA_DECODE_BOUNDS = 1,   /* "bounds": sum_d max(r_q[d] lo_c[d], r_q[d] hi_c[d]) over the
+                               * per-dimension min / max of the chunk's head-mean keys, an
+                               * upper bound of r_q . k over its keys (Quest's pages) */
+};
+
 enum dhsa_method {
     DHSA_METHOD_DHSA = 0,       /* "dhsa" */
     DHSA_METHOD_BLOCK_TOPK = 1, /* "block_topk": fixed chunks of chunk_size, mean-pooled */
@@ -223,7 +230,7 @@ enum dhsa_method {
 
 /* Name -> value of one string option: field is the DHSAConfig field name
  * ("budget_mode", "granularity", "chunking", "normalization", "method",
- * "chunk_score").
+ * "chunk_score", "decode_score").
  * DHSA_EINVAL for an unknown field or name. */
 int dhsa_enum_value(const char *field, const char *name, int *value);
 
@@ -253,6 +260,7 @@ typedef struct dhsa_predict_params {
     int method;               /* enum dhsa_method */
     int64_t dense_tail;       /* >= 0: the blocks holding the last dense_tail queries keep all their keys */
     int chunk_score;          /* enum dhsa_chunk_score (tokens and density budgets) */
+    int decode_score;         /* enum dhsa_decode_score: how a KV cache scores closed chunks */
     /* dynamic chunking: NULL (cosine scores), or one learned boundary model
      * row per chunking group (CG rows of dhsa_bmodel_len(heads * D), shared
      * by the batch): its scores and its threshold replace the cosine's */
@@ -392,7 +400,9 @@ int dhsa_kv_cache_read(const dhsa_kv_cache *c, void *k, void *v, int64_t a, int6
  * attends every visible key. Otherwise the nq queries form one block whose
  * selection (per selection group of the cache's granularity) keeps the
  * first `sink` visible keys, the `local` keys before the block and its own,
- * the open chunk, and then closed chunks by r_q . r_k (r_q the group's
+ * the open chunk, and then closed chunks by r_q . r_k, or with the
+ * cache's decode_score "bounds" by the bound of r_q . k over the chunk's
+ * head-mean keys (r_q the group's
  * head-averaged queries, block sum / sqrt(nq); pieces clipped to the
  * candidate keys inherit their chunk's score), best first, the last cut,
  * until `budget` keys. reuse > 1: a group's chunk scores serve the

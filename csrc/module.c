@@ -572,6 +572,7 @@ static const struct { const char *name; int kind; size_t offset; } config_fields
     {"method", FIELD_ENUM, offsetof(dhsa_predict_params, method)},
     {"dense_tail", FIELD_INT, offsetof(dhsa_predict_params, dense_tail)},
     {"chunk_score", FIELD_ENUM, offsetof(dhsa_predict_params, chunk_score)},
+    {"decode_score", FIELD_ENUM, offsetof(dhsa_predict_params, decode_score)},
 };
 
 #define NUM_CONFIG_FIELDS (sizeof(config_fields) / sizeof(config_fields[0]))

@@ -34,13 +34,15 @@ static const enum_name normalizations[] = {
     {"sqrt", DHSA_NORM_SQRT}, {"mean", DHSA_NORM_MEAN}, {"sum", DHSA_NORM_SUM}, {NULL, 0}};
 static const enum_name chunk_scores[] = {
     {"mean", DHSA_SCORE_MEAN}, {"max", DHSA_SCORE_MAX}, {NULL, 0}};
+static const enum_name decode_scores[] = {
+    {"mean", DHSA_DECODE_MEAN}, {"bounds", DHSA_DECODE_BOUNDS}, {NULL, 0}};
 static const enum_name methods[] = {
     {"dhsa", DHSA_METHOD_DHSA}, {"block_topk", DHSA_METHOD_BLOCK_TOPK}, {NULL, 0}};
 
 static const struct { const char *field; const enum_name *names; } enum_fields[] = {
     {"budget_mode", budget_modes}, {"granularity", granularities}, {"chunking", chunkings},
     {"normalization", normalizations}, {"method", methods}, {"chunk_score", chunk_scores},
-    {NULL, NULL}};
+    {"decode_score", decode_scores}, {NULL, NULL}};
 
 int dhsa_enum_value(const char *field, const char *name, int *value) {
     if (!field || !name || !value) return DHSA_EINVAL;

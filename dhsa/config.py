@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 __all__ = ["DHSAConfig", "GRANULARITIES", "BUDGET_MODES", "CHUNKINGS", "METHODS",
-           "NORMALIZATIONS", "CHUNK_SCORES"]
+           "NORMALIZATIONS", "CHUNK_SCORES", "DECODE_SCORES"]
 
 GRANULARITIES = ("layer", "kv_head", "query_head")
 BUDGET_MODES = ("tokens", "density", "adaptive")
@@ -16,6 +16,7 @@ CHUNKINGS = ("dynamic", "fixed")
 METHODS = ("dhsa", "block_topk", "streaming", "vertical_slash", "oracle")
 NORMALIZATIONS = {"sqrt": 0.5, "mean": 1.0, "sum": 0.0}
 CHUNK_SCORES = ("mean", "max")
+DECODE_SCORES = ("mean", "bounds")
 
 
 def _int(name: str, value, minimum: int, optional: bool = False) -> None:
@@ -112,7 +113,13 @@ class DHSAConfig:
     serves (1, the default: every step scores the chunks anew; N: the scores
     of a step serve the next N - 1 single-query steps too, unless a chunk
     closes meanwhile; sink, local, the open chunk and the budget are applied
-    anew every step).
+    anew every step). ``decode_score``: how a decode step scores a closed
+    chunk for its query r_q: ``"mean"``, r_q . r_c as in the prefill, or
+    ``"bounds"``, sum_d max(r_q[d] lo[d], r_q[d] hi[d]) over the per-dimension
+    min and max of the chunk's (head-mean) keys - the largest r_q . k any key
+    of the chunk could reach, as Quest scores its pages: one outlying key
+    lifts its chunk, where a mean dilutes it. The cache then keeps 2 x D
+    floats more per chunk.
 
     This class is the one place where the meaning of the options is checked
     (``__post_init__``). The C core reads the fields by these names
@@ -147,6 +154,7 @@ class DHSAConfig:
     chunk_score: str = "mean"
     decode_budget: Optional[int] = None
     decode_reuse: int = 1
+    decode_score: str = "mean"
     calibration: Optional[Union[str, "os.PathLike", "Calibration"]] = None
 
     def __post_init__(self) -> None:
@@ -196,6 +204,7 @@ class DHSAConfig:
         _int("max_chunks", self.max_chunks, 1, optional=True)
         _int("decode_budget", self.decode_budget, 1, optional=True)
         _int("decode_reuse", self.decode_reuse, 1)
+        _choice("decode_score", self.decode_score, DECODE_SCORES)
         if self.decode_budget is not None and self.decode_budget < self.sink + self.local + 1:
             raise ValueError(
                 f"DHSAConfig.decode_budget ({self.decode_budget}) must be >= sink + local + 1 "

@@ -402,7 +402,7 @@ def cache_chunks(bounds: np.ndarray, Lk: int, *, chunking: str = "dynamic",
 
 def decode_select(q, k, committed, *, budget: int, sink: int, local: int,
                   granularity: str = "kv_head", key_norm: float = 0.5,
-                  window: Optional[int] = None, score_q=None) -> dict:
+                  window: Optional[int] = None, score_q=None, score: str = "mean") -> dict:
     """The selection of one decode step (mirrors decode_select in decode.c).
 
     q (B, H, nq, D): the queries of the last nq of the Lk cached positions,
@@ -413,7 +413,10 @@ def decode_select(q, k, committed, *, budget: int, sink: int, local: int,
     group's head-mean queries summed over the block / sqrt(nq), r_c the
     chunk's head-mean key sum / n ** key_norm rounded to float32 (as the
     cache stores it) - best first (ties: the earlier), the last cut, until
-    ``budget`` keys (0: every visible key). ``score_q`` (default q): the
+    ``budget`` keys (0: every visible key). ``score="bounds"``
+    (DHSAConfig.decode_score): a chunk scores sum_d max(r_q[d] lo[d], r_q[d]
+    hi[d]) instead, lo / hi the per-dimension min / max of its head-mean keys
+    rounded to float32. ``score_q`` (default q): the
     queries r_q is made of - a step that reuses chunk scores
     (DHSAConfig.decode_reuse) scores with the queries of the step that made
     them. Returns offsets / starts / ends over (B, SG) groups of one block."""
@@ -447,13 +450,21 @@ def decode_select(q, k, committed, *, budget: int, sink: int, local: int,
                 sel.append((tail_a, hi))
                 rq = sq[b, heads].mean(axis=0).sum(axis=0) / math.sqrt(sq.shape[2])
                 kP = prefix_sums(k[b, kv])
+                km = k[b, kv].mean(axis=0)
                 pieces = []
                 for c in range(len(bd) - 1):
                     a, e = max(sink_end, int(bd[c])), min(tail_a, int(bd[c + 1]))
                     if e <= a:
                         continue
-                    rep = _repr(kP, int(bd[c]), int(bd[c + 1]), key_norm).astype(np.float32)
-                    pieces.append((float(rq @ rep.astype(np.float64)), a, e))
+                    if score == "bounds":
+                        rows = km[int(bd[c]):int(bd[c + 1])]
+                        kmin = rows.min(axis=0).astype(np.float32).astype(np.float64)
+                        kmax = rows.max(axis=0).astype(np.float32).astype(np.float64)
+                        sc = float(np.sum(rq * np.where(rq >= 0, kmax, kmin)))
+                    else:
+                        rep = _repr(kP, int(bd[c]), int(bd[c + 1]), key_norm).astype(np.float32)
+                        sc = float(rq @ rep.astype(np.float64))
+                    pieces.append((sc, a, e))
                 pieces.sort(key=lambda p: (-p[0], p[1]))
                 _take_best(pieces, sel, kept, hi_clamp)
                 ranges = _merged(sel)

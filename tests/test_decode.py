@@ -46,6 +46,11 @@ CONFIGS = {
     "mean_norm": dhsa.DHSAConfig(budget=256, sink=8, local=32, block_size=16,
                                  normalization="mean", boundary_window=8, nms_radius=2,
                                  decode_budget=100),
+    "bounds": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16, decode_budget=160,
+                              decode_score="bounds"),
+    "bounds_layer": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16,
+                                    granularity="layer", chunking="fixed", chunk_size=12,
+                                    decode_budget=160, decode_score="bounds"),
 }
 
 
@@ -226,7 +231,8 @@ def test_decode_selection_and_output_match_the_reference(name, nq):
     gran = "kv_head" if cfg.method == "block_topk" else cfg.granularity
     ref = reference.decode_select(q, k, committed(cache), budget=cfg.decode_budget,
                                   sink=cfg.sink, local=cfg.local, granularity=gran,
-                                  key_norm=1.0 if cfg.method == "block_topk" else cfg.key_norm)
+                                  key_norm=1.0 if cfg.method == "block_topk" else cfg.key_norm,
+                                  score=cfg.decode_score)
     np.testing.assert_array_equal(info.offsets, ref["offsets"])
     np.testing.assert_array_equal(info.starts, ref["starts"])
     np.testing.assert_array_equal(info.ends, ref["ends"])
@@ -254,7 +260,7 @@ def _group_heads(cfg, g, H, Hkv):
     return list(range(g * G, (g + 1) * G))
 
 
-@pytest.mark.parametrize("name", ["dynamic", "fixed", "layer", "query_head"])
+@pytest.mark.parametrize("name", ["dynamic", "fixed", "layer", "query_head", "bounds"])
 @pytest.mark.parametrize("reuse", [2, 5])
 def test_reused_chunk_scores_are_the_scoring_steps(name, reuse):
     """decode_reuse N: a group's chunk scores serve the single-query steps of
@@ -291,7 +297,8 @@ def test_reused_chunk_scores_are_the_scoring_steps(name, reuse):
         total_reused += want_reused
         ref = reference.decode_select(q, k[:, :, :n], bounds, budget=cfg.decode_budget,
                                       sink=cfg.sink, local=cfg.local, granularity=gran,
-                                      key_norm=cfg.key_norm, score_q=score_q)
+                                      key_norm=cfg.key_norm, score_q=score_q,
+                                      score=cfg.decode_score)
         np.testing.assert_array_equal(info.offsets, ref["offsets"])
         np.testing.assert_array_equal(info.starts, ref["starts"])
         np.testing.assert_array_equal(info.ends, ref["ends"])
@@ -433,10 +440,47 @@ def test_decode_picks_the_chunk_the_query_points_at():
     assert any(a <= 305 < e for a, e in r), r
 
 
+@pytest.mark.parametrize("score", ["mean", "bounds"])
+def test_bounds_find_the_lone_key_a_mean_dilutes(score):
+    """Chunk A holds one key pointing where the query does among noise, chunk
+    B sixteen keys pointing there weakly; room for one chunk. The mean of A's
+    keys is diluted below B's; A's bounds reach the lone key (q . k = 5 |q|),
+    which is where the attention is."""
+    cfg = dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16, chunking="fixed",
+                          chunk_size=16, decode_budget=96, decode_score=score)
+    rng = np.random.default_rng(24)
+    L = 800
+    k = (0.3 * rng.standard_normal((1, 1, L, D))).astype(np.float32)
+    v = rng.standard_normal((1, 1, L, D)).astype(np.float32)
+    u = np.zeros(D, np.float32)
+    u[0] = 1.0
+    k[0, 0, 320:336, 0] = 0.0
+    k[0, 0, 325] = 5.0 * u
+    k[0, 0, 480:496] = 0.8 * u
+    q = np.tile(2.0 * u, (1, 2, 1, 1))
+    cache = filled(cfg, k, v)
+    _, info = dhsa.decode_attention(q, cache, return_info=True)
+    r = info.ranges(0, 0)
+    assert (info.keys_selected == 96).all()
+    picked = [any(a <= x < e for a, e in r) for x in (325, 485)]
+    assert picked == ([False, True] if score == "mean" else [True, False]), r
+
+
+def test_bounds_cost_two_vectors_per_chunk():
+    rng = np.random.default_rng(25)
+    k, v = chunky(rng, 1, HKV, 4096, 64)
+    mean = filled(CONFIGS["dynamic"], k, v).nbytes()["chunk_state"]
+    bounds = filled(CONFIGS["bounds"], k, v)
+    nb = sum(len(bounds.chunk_bounds(0, g)) - 1 for g in range(HKV))
+    assert bounds.nbytes()["chunk_state"] - mean >= 2 * 64 * 4 * nb
+    assert bounds.nbytes()["chunk_state"] < 0.5 * 2 * k.nbytes
+
+
 # ---- edits -------------------------------------------------------------------------
 
-def test_crop_equals_a_cache_given_only_the_kept_keys():
-    cfg = CONFIGS["dynamic"]
+@pytest.mark.parametrize("name", ["dynamic", "bounds"])
+def test_crop_equals_a_cache_given_only_the_kept_keys(name):
+    cfg = CONFIGS[name]
     rng = np.random.default_rng(15)
     k, v = chunky(rng, B, HKV, 500, D)
     cache = filled(cfg, k, v, step=9)
@@ -453,8 +497,9 @@ def test_crop_equals_a_cache_given_only_the_kept_keys():
         cache.crop(501)
 
 
-def test_reorder_follows_the_batch():
-    cfg = CONFIGS["dynamic"]
+@pytest.mark.parametrize("name", ["dynamic", "bounds"])
+def test_reorder_follows_the_batch(name):
+    cfg = CONFIGS[name]
     rng = np.random.default_rng(16)
     k, v = chunky(rng, 3, HKV, 300, D)
     cache = filled(cfg, k, v)

@@ -302,3 +302,12 @@ def test_decode_continuation_is_exact_at_a_full_budget_and_causal_at_a_small_one
         assert nll[j] != base["nll"][j]
     with pytest.raises(ValueError, match="decode"):
         runner.causal_nll(prefix, cont, cfg, continuation="decode")
+
+
+def test_with_decode_sets_every_decode_option():
+    from dhsa.harness.protocol import EXACT_PREFILL, with_decode
+    cfg = with_decode(None, 512, 4, "bounds")
+    assert (cfg.decode_budget, cfg.decode_reuse, cfg.decode_score) == (512, 4, "bounds")
+    assert cfg.budget == EXACT_PREFILL.budget
+    base = dhsa.DHSAConfig(budget=1024)
+    assert with_decode(base, 512).replace(decode_budget=None) == base

@@ -146,6 +146,21 @@ def test_decode_reuses_are_cells_of_their_own_and_reuse_one_keeps_old_keys(tiny,
         _run(tiny, out, **{**grid, "decode_reuses": [0]})
 
 
+def test_decode_scores_are_cells_of_their_own_and_mean_keeps_old_keys(tiny, tmp_path):
+    grid = dict(tasks=["ppl"], methods=["dense"], tails=[0], protocols=["exact"], samples=1,
+                decode_budgets=[512], decode_scores=["mean", "bounds"])
+    out = tmp_path / "r.jsonl"
+    rows = _run(tiny, out, **grid)
+    got = {r["decode_score"]: r for r in rows if r["protocol"] == "decode"}
+    assert set(got) == {None, "bounds"}
+    old = {k: v for k, v in got[None].items() if k != "decode_score"}
+    assert sweep.cell_key(old) == sweep.cell_key(got[None]) != sweep.cell_key(got["bounds"])
+    md = sweep.markdown_table(sweep.summarize_sweep(sweep.read_jsonl(out)))
+    assert "sparse decode 512, bounds scores" in md and "sparse decode 512 |" in md
+    with pytest.raises(ValueError, match="decode scores"):
+        _run(tiny, out, **{**grid, "decode_scores": ["max"]})
+
+
 def test_other_prompts_are_other_cells(tiny, tmp_path):
     """Another seed makes other prompts: nothing is skipped or paired across them."""
     out = tmp_path / "s.jsonl"

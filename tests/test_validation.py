@@ -331,6 +331,7 @@ def test_config_wrong_type(fn, qkv, config):
     (dict(nms_radius=-1), "nms_radius"),
     (dict(dense_tail=-1), "dense_tail"),
     (dict(chunk_score="min"), "chunk_score"),
+    (dict(decode_score="max"), "decode_score"),
     (dict(chunk_score="max", budget_mode="adaptive"), "chunk_score"),
     (dict(max_chunks=0), "max_chunks"),
     (dict(threshold=-1), "threshold"),
@@ -600,7 +601,8 @@ def _core_fields(cfg):
 
 @pytest.mark.parametrize("field, bad", [("granularity", "head"), ("budget_mode", "Tokens"),
                                         ("chunking", "static"), ("normalization", "l2"),
-                                        ("method", "streaming"), ("chunk_score", "Max")])
+                                        ("method", "streaming"), ("chunk_score", "Max"),
+                                        ("decode_score", "Bounds")])
 def test_core_matches_names_not_positions(qkv, cfg, field, bad):
     """String options reach the core as names, looked up in its own table."""
     import types

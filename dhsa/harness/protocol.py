@@ -53,11 +53,13 @@ EXACT_PREFILL = DHSAConfig(budget=2**31 - 1)
 
 
 def with_decode(cfg: Optional[DHSAConfig], decode_budget: int,
-                decode_reuse: int = 1) -> DHSAConfig:
+                decode_reuse: int = 1, decode_score: str = "mean") -> DHSAConfig:
     """The method's config (exact prefill for None) with sparse decode (its
-    chunk scores serving ``decode_reuse`` steps)."""
+    chunk scores serving ``decode_reuse`` steps, chunks scored by
+    ``decode_score``)."""
     return (EXACT_PREFILL if cfg is None else cfg).replace(decode_budget=int(decode_budget),
-                                                          decode_reuse=int(decode_reuse))
+                                                          decode_reuse=int(decode_reuse),
+                                                          decode_score=decode_score)
 
 #: methods whose selection of a one-query block depends on that query and its past only
 PER_QUERY_CAUSAL = ("dhsa", "block_topk", "streaming", "oracle")
@@ -235,21 +237,22 @@ class Runner:
     def answer(self, prompt_ids: Sequence[int], cfg: Optional[DHSAConfig], *,
                max_new_tokens: int, tail: int = 0, eos_token_id=None,
                decode_budget: Optional[int] = None, step_tail: int = 0,
-               decode_reuse: int = 1) -> Dict:
+               decode_reuse: int = 1, decode_score: str = "mean") -> Dict:
         """Greedy answer to a prompt: {tokens, text (if a tokenizer was given),
         density (of the method's prefill over the layers that ran sparse; 1.0
         for exact attention, None if no layer ran sparse), sparse_layers (those
         layers), prefill_seconds, seconds}. ``cfg`` None is exact attention; ``tail`` > 0 prefills the
         last ``tail`` prompt tokens exactly. ``decode_budget``: the answer (and
         the last ``step_tail`` prompt tokens, one step each) through sparse
-        decode; the result then holds ``decode_density``. ``decode_reuse``:
-        DHSAConfig.decode_reuse of those steps."""
+        decode; the result then holds ``decode_density``. ``decode_reuse``,
+        ``decode_score``: DHSAConfig's fields of those steps."""
         t0 = time.perf_counter()
         ids = list(prompt_ids)
         if tail < 0 or step_tail < 0:
             raise ValueError(f"tail and step_tail must be >= 0, got {tail}, {step_tail}")
         if decode_budget is not None:
-            return self._answer_decoding(ids, with_decode(cfg, decode_budget, decode_reuse),
+            return self._answer_decoding(ids, with_decode(cfg, decode_budget, decode_reuse,
+                                                          decode_score),
                                          max_new_tokens=max_new_tokens, tail=tail,
                                          step_tail=step_tail, eos_token_id=eos_token_id, t0=t0,
                                          exact_prefill=cfg is None)
@@ -328,7 +331,8 @@ class Runner:
     # -- losses --------------------------------------------------------------------
     def causal_nll(self, prefix_ids: Sequence[int], continuation_ids: Sequence[int],
                    cfg: Optional[DHSAConfig], *, continuation: str = "exact",
-                   decode_budget: Optional[int] = None, decode_reuse: int = 1) -> Dict:
+                   decode_budget: Optional[int] = None, decode_reuse: int = 1,
+                   decode_score: str = "mean") -> Dict:
         """Per-token loss of ``continuation_ids`` after ``prefix_ids``, each
         token seeing only its past: {nll (array, one per continuation token),
         density (of the prefix prefill; None if no layer ran sparse), seconds,
@@ -336,7 +340,8 @@ class Runner:
         ``continuation``: "exact" or "sparse" (the method, one selection per
         query), or "decode": one sparse decode step per token with
         ``decode_budget`` keys (the result holds its ``decode_density``), the
-        chunk scores of a step serving ``decode_reuse`` steps."""
+        chunk scores of a step serving ``decode_reuse`` steps, chunks scored
+        by ``decode_score``."""
         if continuation not in ("exact", "sparse", "decode"):
             raise ValueError(f"continuation must be 'exact', 'sparse' or 'decode', got "
                              f"{continuation!r}")
@@ -347,7 +352,8 @@ class Runner:
             raise ValueError("causal_nll needs a non-empty prefix and continuation")
         if continuation == "decode":
             return self._nll_decoding(prefix_ids, cont,
-                                      with_decode(cfg, decode_budget, decode_reuse),
+                                      with_decode(cfg, decode_budget, decode_reuse,
+                                                  decode_score),
                                       exact_prefill=cfg is None)
         per_query = (per_query_config(cfg) if cfg is not None and continuation == "sparse"
                      else None)

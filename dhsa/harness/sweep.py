@@ -43,7 +43,8 @@ SWEEP_METHODS = ("dense", "dhsa", "dhsa_max", "block_topk", "streaming", "vertic
 PPL_SCORED = 256
 #: fields that say what a cell ran (the rest of a row is what it measured)
 KEY_FIELDS = ("model", "task", "haystack", "length", "sample", "method", "density_target",
-              "tail", "protocol", "prompt_hash", "decode_budget", "decode_reuse")
+              "tail", "protocol", "prompt_hash", "decode_budget", "decode_reuse",
+              "decode_score")
 #: prompt tokens (the question) a sparse-decode retrieval cell feeds one step
 #: at a time after the prefill, as Quest evaluates
 STEP_TAIL = 32
@@ -136,12 +137,13 @@ def _build_prompt(task: str, tokenizer, fmt: str, length: int, i: int, samples: 
 # ---- the sweep -------------------------------------------------------------------
 
 def _plan(tasks, lengths, samples, methods, densities, tails, protocols,
-          decode_budgets=(), decode_reuses=(1,)) -> List[Dict]:
+          decode_budgets=(), decode_reuses=(1,), decode_scores=("mean",)) -> List[Dict]:
     """Every cell of the grid, in run order: by length, task, sample, then methods
     (so that one prompt serves all its methods). Each decode budget adds a
     cell per method and density with protocol "decode": the method's prefill,
     then sparse decode (dense: an exact prefill, then sparse decode), one per
-    decode_reuse (recorded as None for 1, the default)."""
+    decode_reuse (recorded as None for 1, the default) and decode_score
+    (None for "mean", the default)."""
     cells = []
     for L in lengths:
         for task in tasks:
@@ -162,10 +164,13 @@ def _plan(tasks, lengths, samples, methods, densities, tails, protocols,
                             if m == "vertical_slash":
                                 continue  # its keys come from the last queries of a prefill
                             for ru in decode_reuses:
-                                cells.append(dict(task=task, length=L, sample=i, method=m,
-                                                  density_target=rho, tail=0, protocol="decode",
-                                                  decode_budget=int(b),
-                                                  decode_reuse=int(ru) if ru > 1 else None))
+                                for sc in decode_scores:
+                                    cells.append(dict(
+                                        task=task, length=L, sample=i, method=m,
+                                        density_target=rho, tail=0, protocol="decode",
+                                        decode_budget=int(b),
+                                        decode_reuse=int(ru) if ru > 1 else None,
+                                        decode_score=sc if sc != "mean" else None))
     return cells
 
 
@@ -179,9 +184,10 @@ def _run_cell(runner, cell: Dict, p: _Prompt, cfg) -> Dict:
     from .tasks import score_output
     budget = cell.get("decode_budget")
     reuse = cell.get("decode_reuse") or 1
+    dscore = cell.get("decode_score") or "mean"
     if p.sample is None or p.sample.scoring == "loss":
         r = runner.causal_nll(p.prefix, p.continuation, cfg, continuation=cell["protocol"],
-                              decode_budget=budget, decode_reuse=reuse)
+                              decode_budget=budget, decode_reuse=reuse, decode_score=dscore)
         out = dict(score=float(np.mean(r["nll"])), scoring="loss",
                    scored_tokens=len(p.continuation))
         if "continuation_density" in r:
@@ -190,7 +196,8 @@ def _run_cell(runner, cell: Dict, p: _Prompt, cfg) -> Dict:
         s = p.sample
         steps = min(STEP_TAIL, len(s.prompt_ids) // 2) if budget else 0
         r = runner.answer(s.prompt_ids, cfg, max_new_tokens=s.max_new_tokens, tail=cell["tail"],
-                          decode_budget=budget, step_tail=steps, decode_reuse=reuse)
+                          decode_budget=budget, step_tail=steps, decode_reuse=reuse,
+                          decode_score=dscore)
         out = dict(score=score_output(s, r["text"]), scoring=s.scoring, output=r["text"],
                    answers=s.answers)
         ref = s.meta.get("rouge_reference")
@@ -208,6 +215,7 @@ def run_sweep(model_name: str, *, tasks: Sequence[str], lengths: Sequence[int], 
               protocols: Sequence[str] = ("exact",), haystack: str = "noise",
               haystack_dir: Optional[str] = None, out: str, seed: int = 0,
               decode_budgets: Sequence[int] = (), decode_reuses: Sequence[int] = (1,),
+              decode_scores: Sequence[str] = ("mean",),
               num_threads: Optional[int] = None, model=None, tokenizer=None,
               command: str = "", progress: bool = True, log=print) -> List[Dict]:
     """Run the cells of the grid not yet in ``out`` (JSONL), appending each
@@ -232,8 +240,11 @@ def run_sweep(model_name: str, *, tasks: Sequence[str], lengths: Sequence[int], 
         raise ValueError(f"decode budgets must be >= 1, got {list(decode_budgets)}")
     if any(r < 1 for r in decode_reuses):
         raise ValueError(f"decode reuses must be >= 1, got {list(decode_reuses)}")
+    from ..config import DECODE_SCORES
+    if any(sc not in DECODE_SCORES for sc in decode_scores):
+        raise ValueError(f"decode scores must be among {DECODE_SCORES}, got {list(decode_scores)}")
     cells = _plan(tasks, lengths, samples, methods, densities, tails, protocols, decode_budgets,
-                  decode_reuses)
+                  decode_reuses, decode_scores)
     for c in cells:  # every prompt and config first: a grid that cannot run fails now
         pk = (c["task"], c["length"], c["sample"])
         if pk not in prompts:
@@ -247,7 +258,8 @@ def run_sweep(model_name: str, *, tasks: Sequence[str], lengths: Sequence[int], 
         if ck not in configs:
             configs[ck] = matched_config(c["method"], c["density_target"], ck[2]) \
                 if c["method"] != "dense" else None
-        row = {"model": model_name, "decode_budget": None, "decode_reuse": None, **c,
+        row = {"model": model_name, "decode_budget": None, "decode_reuse": None,
+               "decode_score": None, **c,
                "haystack": p.haystack,
                "prompt_hash": p.hash}
         if cell_key(row) not in done:
@@ -297,7 +309,7 @@ def run_sweep(model_name: str, *, tasks: Sequence[str], lengths: Sequence[int], 
 # ---- the table -------------------------------------------------------------------
 
 GROUP_FIELDS = ("model", "task", "haystack", "length", "method", "density_target", "tail",
-                "protocol", "decode_budget", "decode_reuse")
+                "protocol", "decode_budget", "decode_reuse", "decode_score")
 
 
 def _depth_bin(depth: float) -> int:
@@ -427,18 +439,19 @@ def markdown_table(entries: Sequence[Dict]) -> str:
             dense[base] = e
         else:  # dense under sparse decode: a row of its own, beside the methods'
             by[base + (e["density_target"], e["tail"], e["protocol"],
-                       e.get("decode_budget"), e.get("decode_reuse"))][e["method"]] = e
+                       e.get("decode_budget"), e.get("decode_reuse"),
+                       e.get("decode_score"))][e["method"]] = e
     for key in [k for k in by if k[6] == "decode"]:  # decode rows carry every density's dense
         for k2 in by:
             if k2[:4] == key[:4] and k2[6] == "decode" and k2[7:] == key[7:] and k2[4] is None:
                 by[key].setdefault("dense", by[k2]["dense"])
     for base in dense:  # a dense-only sweep still gets its rows
         if not any(k[:4] == base for k in by):
-            by[base + (None, 0, None, None, None)] = {}
+            by[base + (None, 0, None, None, None, None)] = {}
     head = ["model", "task", "L", "density target", "tail / scoring", "n"] + methods
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for k in sorted(by, key=lambda k: (k[0], k[1], k[2], k[3], k[4] or 0, k[5], str(k[6]),
-                                       k[7] or 0, k[8] or 1)):
+                                       k[7] or 0, k[8] or 1, k[9] or "")):
         if k[6] == "decode" and k[4] is None and any(
                 k2[:4] == k[:4] and k2[6] == "decode" and k2[7:] == k[7:] and k2[4] is not None
                 for k2 in by):
@@ -448,6 +461,7 @@ def markdown_table(entries: Sequence[Dict]) -> str:
             row["dense"] = dense[k[:4]]
         n = max(e["n"] for e in row.values())
         how = (f"sparse decode {k[7]}" + (f", reuse {k[8]}" if k[8] else "")
+               + (f", {k[9]} scores" if k[9] else "")
                if k[6] == "decode" else f"{k[6]} continuation" if k[6]
                else f"tail {k[5]}" if k[5] else "no tail")
         cells = [_fmt_cell(row[m], k[4], n) if m in row else "-" for m in methods]
@@ -516,6 +530,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-reuses", type=int, nargs="+", default=[1],
                    help="DHSAConfig.decode_reuse values of the decode cells: a step's chunk "
                         "scores serve this many steps (default 1: every step scores)")
+    p.add_argument("--decode-scores", nargs="+", default=["mean"], choices=["mean", "bounds"],
+                   help="DHSAConfig.decode_score values of the decode cells: chunks scored by "
+                        "their mean key or by the bounds of their keys (default: mean)")
     p.add_argument("--haystack", choices=HAYSTACKS, default="noise",
                    help="noise sentences or essay text (passkey always uses noise)")
     p.add_argument("--haystack-dir", default=None,
@@ -540,6 +557,7 @@ def run(args: argparse.Namespace) -> int:
                   protocols=args.protocols, haystack=args.haystack,
                   haystack_dir=args.haystack_dir, out=args.out, seed=args.seed,
                   decode_budgets=args.decode_budgets, decode_reuses=args.decode_reuses,
+                  decode_scores=args.decode_scores,
                   num_threads=args.threads, command=" ".join(["python -m dhsa"] + sys.argv[1:]),
                   progress=not args.no_progress)
     except ValueError as exc:

@@ -339,7 +339,8 @@ PREDICT_NAMES = [("granularity", ["layer", "kv_head", "query_head"]),
                  ("chunking", ["dynamic", "dynamic", "fixed"]),
                  ("normalization", ["sqrt", "mean", "sum"]),
                  ("method", ["dhsa", "dhsa", "block_topk"]),
-                 ("chunk_score", ["mean", "mean", "max"])]
+                 ("chunk_score", ["mean", "mean", "max"]),
+                 ("decode_score", ["mean", "bounds"])]
 
 
 def predict_config(src):
