@@ -11,9 +11,10 @@
  *   - the scan (dhsa_chunking_take), run as far as its look-ahead allows
  *     (t + nms_radius scored): its boundaries are committed and never move;
  *   - a float32 representation of every closed chunk, made once when it
- *     closes, from the stored keys (O(D) per key in all), and with
- *     decode_score "bounds" the per-dimension min and max of its head-mean
- *     keys (Quest's page bounds: r_q . k <= sum_d max(r_q lo, r_q hi)).
+ *     closes, from the stored keys (O(D) per key in all), and the
+ *     per-dimension statistics of its head-mean keys that decode_score
+ *     reads: min and max ("bounds", Quest's page bounds: r_q . k <= sum_d
+ *     max(r_q lo, r_q hi)), or mean and variance ("moments").
  * Nothing is re-scanned: an append costs O(new keys * heads * D) beyond the
  * copy. The keys after the last committed boundary (at most
  * max_chunk + boundary_window + nms_radius of them) form the open chunk,
@@ -47,13 +48,16 @@ typedef struct {
     int64_t *bounds;        /* (bounds_cap) committed: 0, ..., open chunk start */
     int64_t nb, bounds_cap;
     float *reps;            /* (bounds_cap - 1, D) closed chunk representations */
-    float *lo, *hi;         /* (bounds_cap - 1, D) their keys' min / max, or NULL ("mean") */
+    float *st1, *st2;       /* (bounds_cap - 1, D) per-dimension statistics of their head-mean
+                             * keys: min / max ("bounds"), mean / variance ("moments"); or
+                             * NULL ("mean") */
 } chunk_state;
 
 /* chunk scores of one selection group, kept for later decode steps */
 typedef struct {
     int64_t made_at;        /* cache length when scored; -1: none */
     int64_t nb, first;      /* the group's bound count then, first chunk scored */
+    double scale;           /* the softmax scale they were made with ("moments" reads it) */
     int64_t cap;
     double *score;          /* (cap) r_q . r_c of chunks [first, nb - 1) */
 } score_memo;
@@ -130,7 +134,7 @@ static const double *model_of(const dhsa_kv_cache *c, int64_t cg) {
 }
 
 static void state_free(chunk_state *g) {
-    free(g->ring); free(g->score); free(g->bounds); free(g->reps); free(g->lo); free(g->hi);
+    free(g->ring); free(g->score); free(g->bounds); free(g->reps); free(g->st1); free(g->st2);
     memset(g, 0, sizeof(*g));
 }
 
@@ -144,10 +148,10 @@ static int state_init(chunk_state *g, const dhsa_kv_cache *c, int64_t cg) {
     g->bounds_cap = 16;
     g->bounds = malloc((size_t)g->bounds_cap * sizeof(int64_t));
     g->reps = malloc((size_t)(g->bounds_cap * c->D) * sizeof(float));
-    if (c->p.decode_score == DHSA_DECODE_BOUNDS) {
-        g->lo = malloc((size_t)(g->bounds_cap * c->D) * sizeof(float));
-        g->hi = malloc((size_t)(g->bounds_cap * c->D) * sizeof(float));
-        if (!g->lo || !g->hi) { state_free(g); return DHSA_ENOMEM; }
+    if (c->p.decode_score != DHSA_DECODE_MEAN) {
+        g->st1 = malloc((size_t)(g->bounds_cap * c->D) * sizeof(float));
+        g->st2 = malloc((size_t)(g->bounds_cap * c->D) * sizeof(float));
+        if (!g->st1 || !g->st2) { state_free(g); return DHSA_ENOMEM; }
     }
     if (!g->ring || !g->bounds || !g->reps) { state_free(g); return DHSA_ENOMEM; }
     g->bounds[0] = 0;
@@ -173,13 +177,13 @@ static int state_reserve(chunk_state *g, int64_t D, int64_t need, int64_t nb_nee
         float *r = realloc(g->reps, (size_t)(cap * D) * sizeof(float));
         if (!r) return DHSA_ENOMEM;
         g->reps = r;
-        if (g->lo) {
-            float *lo = realloc(g->lo, (size_t)(cap * D) * sizeof(float));
-            if (!lo) return DHSA_ENOMEM;
-            g->lo = lo;
-            float *hi = realloc(g->hi, (size_t)(cap * D) * sizeof(float));
-            if (!hi) return DHSA_ENOMEM;
-            g->hi = hi;
+        if (g->st1) {
+            float *a = realloc(g->st1, (size_t)(cap * D) * sizeof(float));
+            if (!a) return DHSA_ENOMEM;
+            g->st1 = a;
+            float *b = realloc(g->st2, (size_t)(cap * D) * sizeof(float));
+            if (!b) return DHSA_ENOMEM;
+            g->st2 = b;
         }
         g->bounds_cap = cap;
     }
@@ -187,14 +191,16 @@ static int state_reserve(chunk_state *g, int64_t D, int64_t need, int64_t nb_nee
 }
 
 /* Commit boundary t: chunk [last, t) closes and gets its representation,
- * the head mean of its keys summed in order, over n ** key_norm (and the
- * min / max of those head means, rounded to float32, where kept). */
+ * the head mean of its keys summed in order, over n ** key_norm, and the
+ * statistics of those head means its decode_score reads, rounded to
+ * float32: min / max, or mean and variance (sum m^2 / n - mean^2, >= 0). */
 static void commit(dhsa_kv_cache *c, int64_t b, chunk_state *g, int64_t t, double *tmp) {
     const int64_t a = g->bounds[g->nb - 1], D = c->D;
-    double *acc = tmp + g->W;
-    float *lo = g->lo ? g->lo + (g->nb - 1) * D : NULL;
-    float *hi = g->hi ? g->hi + (g->nb - 1) * D : NULL;
-    for (int64_t d = 0; d < D; d++) acc[d] = 0.0;
+    const int score = c->p.decode_score;
+    double *acc = tmp + g->W, *sq = acc + D;
+    float *s1 = g->st1 ? g->st1 + (g->nb - 1) * D : NULL;
+    float *s2 = g->st2 ? g->st2 + (g->nb - 1) * D : NULL;
+    for (int64_t d = 0; d < D; d++) acc[d] = sq[d] = 0.0;
     for (int64_t x = a; x < t; x++) {
         key_row(c, b, g, x, tmp);
         for (int64_t d = 0; d < D; d++) {
@@ -202,13 +208,20 @@ static void commit(dhsa_kv_cache *c, int64_t b, chunk_state *g, int64_t t, doubl
             for (int64_t h = 0; h < g->heads; h++) m += tmp[h * D + d];
             m /= (double)g->heads;
             acc[d] += m;
-            if (lo) { /* rounding is monotonic: the float32 min is the min's rounding */
+            sq[d] += m * m;
+            if (score == DHSA_DECODE_BOUNDS) { /* rounding is monotonic: the float32 min is the min's rounding */
                 const float f = (float)m;
-                lo[d] = x == a ? f : DHSA_MIN(lo[d], f);
-                hi[d] = x == a ? f : DHSA_MAX(hi[d], f);
+                s1[d] = x == a ? f : DHSA_MIN(s1[d], f);
+                s2[d] = x == a ? f : DHSA_MAX(s2[d], f);
             }
         }
     }
+    if (score == DHSA_DECODE_MOMENTS)
+        for (int64_t d = 0; d < D; d++) {
+            const double mu = acc[d] / (double)(t - a);
+            s1[d] = (float)mu;
+            s2[d] = (float)DHSA_MAX(0.0, sq[d] / (double)(t - a) - mu * mu);
+        }
     const double norm = dhsa_repr_norm(t - a, key_norm(&c->p));
     float *rep = g->reps + (g->nb - 1) * D;
     for (int64_t d = 0; d < D; d++) rep[d] = (float)(acc[d] / norm);
@@ -277,7 +290,7 @@ int dhsa_kv_cache_create(dhsa_kv_cache **out, int64_t B, int64_t Hkv, int64_t D,
         rp.chunk_size < 1 || rp.boundary_window < 1 || rp.min_chunk < 1 ||
         rp.max_chunk < rp.min_chunk || rp.nms_radius < 0 || !isfinite(rp.threshold) ||
         rp.boundary_window > (1 << 20) || rp.nms_radius > (1 << 20) ||
-        rp.decode_score < 0 || rp.decode_score > 1)
+        rp.decode_score < 0 || rp.decode_score > 2)
         return DHSA_EINVAL;
     if (rp.boundary_model && rp.chunking != DHSA_CHUNK_DYNAMIC) return DHSA_EINVAL;
     dhsa_kv_cache *c = calloc(1, sizeof(*c));
@@ -316,7 +329,7 @@ void dhsa_kv_cache_bytes(const dhsa_kv_cache *c, int64_t *kv_bytes, int64_t *sta
     for (int64_t i = 0; c && i < c->B * c->CG; i++) {
         const chunk_state *g = &c->cs[i];
         st += c->ring_rows * g->W * 8 + g->score_cap * 8 + g->bounds_cap * (8 + c->D * 4)
-              + (g->lo ? 2 * g->bounds_cap * c->D * 4 : 0);
+              + (g->st1 ? 2 * g->bounds_cap * c->D * 4 : 0);
     }
     for (int64_t i = 0; c && i < c->memo_n; i++) st += c->memo[i].cap * 8;
     if (kv_bytes) *kv_bytes = c ? 2 * c->B * c->Hkv * c->cap * c->D * (int64_t)c->esz : 0;
@@ -363,7 +376,7 @@ static int feed_all(dhsa_kv_cache *c, int64_t from, int64_t to, int num_threads)
     int status = DHSA_OK;
 #pragma omp parallel num_threads(dhsa_threads_for(num_threads, ng))
     {
-        double *tmp = malloc((size_t)(c->Hkv * c->D + c->D) * sizeof(double));
+        double *tmp = malloc((size_t)(c->Hkv * c->D + 2 * c->D) * sizeof(double));
         if (!tmp) {
 #pragma omp atomic write
             status = DHSA_ENOMEM;
@@ -453,18 +466,18 @@ static int state_copy(chunk_state *dst, const chunk_state *src, const dhsa_kv_ca
     dst->score = malloc((size_t)DHSA_MAX(src->score_cap, 1) * sizeof(double));
     dst->bounds = malloc((size_t)src->bounds_cap * sizeof(int64_t));
     dst->reps = malloc((size_t)(src->bounds_cap * c->D) * sizeof(float));
-    dst->lo = dst->hi = NULL;
-    if (src->lo) {
-        dst->lo = malloc((size_t)(src->bounds_cap * c->D) * sizeof(float));
-        dst->hi = malloc((size_t)(src->bounds_cap * c->D) * sizeof(float));
+    dst->st1 = dst->st2 = NULL;
+    if (src->st1) {
+        dst->st1 = malloc((size_t)(src->bounds_cap * c->D) * sizeof(float));
+        dst->st2 = malloc((size_t)(src->bounds_cap * c->D) * sizeof(float));
     }
-    if (!dst->ring || !dst->score || !dst->bounds || !dst->reps || (src->lo && (!dst->lo || !dst->hi))) {
+    if (!dst->ring || !dst->score || !dst->bounds || !dst->reps || (src->st1 && (!dst->st1 || !dst->st2))) {
         state_free(dst);
         return DHSA_ENOMEM;
     }
-    if (src->lo) {
-        memcpy(dst->lo, src->lo, (size_t)(src->bounds_cap * c->D) * sizeof(float));
-        memcpy(dst->hi, src->hi, (size_t)(src->bounds_cap * c->D) * sizeof(float));
+    if (src->st1) {
+        memcpy(dst->st1, src->st1, (size_t)(src->bounds_cap * c->D) * sizeof(float));
+        memcpy(dst->st2, src->st2, (size_t)(src->bounds_cap * c->D) * sizeof(float));
     }
     memcpy(dst->ring, src->ring, (size_t)(c->ring_rows * src->W) * sizeof(double));
     if (src->score_cap) memcpy(dst->score, src->score, (size_t)src->score_cap * sizeof(double));
@@ -577,10 +590,34 @@ static double bounds_score(const double *rq, const float *lo, const float *hi, i
     return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
+/* scale r_q . mu + scale^2 / 2 sum_d r_q[d]^2 var[d], each sum as rep_score sums */
+static double moments_score(const double *rq, const float *mu, const float *var, int64_t D,
+                            double scale) {
+    double a[4] = {0, 0, 0, 0}, v[4] = {0, 0, 0, 0};
+    int64_t d = 0;
+    for (; d + 4 <= D; d += 4)
+        for (int u = 0; u < 4; u++) {
+            a[u] += rq[d + u] * (double)mu[d + u];
+            v[u] += rq[d + u] * rq[d + u] * (double)var[d + u];
+        }
+    for (; d < D; d++) {
+        a[0] += rq[d] * (double)mu[d];
+        v[0] += rq[d] * rq[d] * (double)var[d];
+    }
+    return scale * ((a[0] + a[1]) + (a[2] + a[3])) +
+           0.5 * scale * scale * ((v[0] + v[1]) + (v[2] + v[3]));
+}
+
 /* closed chunk ch of g scored for r_q, by the cache's decode_score */
-static double chunk_score(const double *rq, const chunk_state *g, int64_t ch, int64_t D) {
-    return g->lo ? bounds_score(rq, g->lo + ch * D, g->hi + ch * D, D)
-                 : rep_score(rq, g->reps + ch * D, D);
+static double chunk_score(const dhsa_kv_cache *c, const double *rq, const chunk_state *g,
+                          int64_t ch, double scale) {
+    const int64_t D = c->D;
+    switch (c->p.decode_score) {
+    case DHSA_DECODE_BOUNDS: return bounds_score(rq, g->st1 + ch * D, g->st2 + ch * D, D);
+    case DHSA_DECODE_MOMENTS:
+        return moments_score(rq, g->st1 + ch * D, g->st2 + ch * D, D, scale);
+    default: return rep_score(rq, g->reps + ch * D, D);
+    }
 }
 
 /* The selection of selection group sg of batch item b (see dhsa.h): merged
@@ -614,7 +651,8 @@ static int64_t decode_select(int32_t *starts, int32_t *ends, const dhsa_kv_cache
         const int64_t first = dhsa_chunk_of(g->bounds, g->nb, keep.sink_end);
         /* kept scores serve while no chunk of the group closed; they cover
          * every closed chunk from `first`, local ones too, as local moves on */
-        if (m && m->made_at >= reuse_at && m->nb == g->nb && m->first == first) {
+        if (m && m->made_at >= reuse_at && m->nb == g->nb && m->first == first &&
+            m->scale == (double)s->scale) {
             *reused = 1;
         } else {
             /* r_q: the group's head-averaged queries, block sum / sqrt(nq) */
@@ -632,8 +670,9 @@ static int64_t decode_select(int32_t *starts, int32_t *ends, const dhsa_kv_cache
             for (int64_t d = 0; d < D; d++) rq[d] *= inv;
             if (m) {
                 for (int64_t ch = first; ch < g->nb - 1; ch++)
-                    m->score[ch - first] = chunk_score(rq, g, ch, D);
+                    m->score[ch - first] = chunk_score(c, rq, g, ch, (double)s->scale);
                 m->made_at = c->n;
+                m->scale = (double)s->scale;
                 m->nb = g->nb;
                 m->first = first;
             }
@@ -643,7 +682,7 @@ static int64_t decode_select(int32_t *starts, int32_t *ends, const dhsa_kv_cache
             dhsa_piece pc;
             pc.a = DHSA_MAX(keep.sink_end, g->bounds[ch]);
             pc.b = DHSA_MIN(tail_a, g->bounds[ch + 1]);
-            pc.score = m ? m->score[ch - first] : chunk_score(rq, g, ch, D);
+            pc.score = m ? m->score[ch - first] : chunk_score(c, rq, g, ch, (double)s->scale);
             pc.logm = 0.0;
             dhsa_cover_offer(&cov, &pc);
         }

@@ -221,6 +221,10 @@ enum dhsa_decode_score {
     DHSA_DECODE_BOUNDS = 1,   /* "bounds": sum_d max(r_q[d] lo_c[d], r_q[d] hi_c[d]) over the
                                * per-dimension min / max of the chunk's head-mean keys, an
                                * upper bound of r_q . k over its keys (Quest's pages) */
+    DHSA_DECODE_MOMENTS = 2,  /* "moments": scale r_q . mu_c + scale^2 / 2 sum_d r_q[d]^2 var_c[d],
+                               * the log of E[exp(scale r_q . k)] for keys drawn from a normal
+                               * of the chunk's per-dimension mean and variance: the attention
+                               * weight one of its keys can expect */
 };
 
 enum dhsa_method {
@@ -400,9 +404,9 @@ int dhsa_kv_cache_read(const dhsa_kv_cache *c, void *k, void *v, int64_t a, int6
  * attends every visible key. Otherwise the nq queries form one block whose
  * selection (per selection group of the cache's granularity) keeps the
  * first `sink` visible keys, the `local` keys before the block and its own,
- * the open chunk, and then closed chunks by r_q . r_k, or with the
- * cache's decode_score "bounds" by the bound of r_q . k over the chunk's
- * head-mean keys (r_q the group's
+ * the open chunk, and then closed chunks by r_q . r_k, or by the cache's
+ * decode_score over the chunk's head-mean keys ("bounds": the bound of
+ * r_q . k; "moments": the expected log weight, with `scale`) (r_q the group's
  * head-averaged queries, block sum / sqrt(nq); pieces clipped to the
  * candidate keys inherit their chunk's score), best first, the last cut,
  * until `budget` keys. reuse > 1: a group's chunk scores serve the

@@ -35,7 +35,8 @@ static const enum_name normalizations[] = {
 static const enum_name chunk_scores[] = {
     {"mean", DHSA_SCORE_MEAN}, {"max", DHSA_SCORE_MAX}, {NULL, 0}};
 static const enum_name decode_scores[] = {
-    {"mean", DHSA_DECODE_MEAN}, {"bounds", DHSA_DECODE_BOUNDS}, {NULL, 0}};
+    {"mean", DHSA_DECODE_MEAN}, {"bounds", DHSA_DECODE_BOUNDS},
+    {"moments", DHSA_DECODE_MOMENTS}, {NULL, 0}};
 static const enum_name methods[] = {
     {"dhsa", DHSA_METHOD_DHSA}, {"block_topk", DHSA_METHOD_BLOCK_TOPK}, {NULL, 0}};
 

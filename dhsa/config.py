@@ -16,7 +16,7 @@ CHUNKINGS = ("dynamic", "fixed")
 METHODS = ("dhsa", "block_topk", "streaming", "vertical_slash", "oracle")
 NORMALIZATIONS = {"sqrt": 0.5, "mean": 1.0, "sum": 0.0}
 CHUNK_SCORES = ("mean", "max")
-DECODE_SCORES = ("mean", "bounds")
+DECODE_SCORES = ("mean", "bounds", "moments")
 
 
 def _int(name: str, value, minimum: int, optional: bool = False) -> None:
@@ -118,8 +118,12 @@ class DHSAConfig:
     ``"bounds"``, sum_d max(r_q[d] lo[d], r_q[d] hi[d]) over the per-dimension
     min and max of the chunk's (head-mean) keys - the largest r_q . k any key
     of the chunk could reach, as Quest scores its pages: one outlying key
-    lifts its chunk, where a mean dilutes it. The cache then keeps 2 x D
-    floats more per chunk.
+    lifts its chunk, where a mean dilutes it; or ``"moments"``, scale r_q .
+    mu + scale^2 / 2 sum_d r_q[d]^2 var[d] over the per-dimension mean and
+    variance of the chunk's keys - the log of the attention weight exp(scale
+    r_q . k) one of its keys can expect were they normal: the weight per key
+    that a token budget buys, where "mean"'s sum / sqrt(n) favours long
+    chunks. Both keep 2 x D floats more per chunk in the cache.
 
     This class is the one place where the meaning of the options is checked
     (``__post_init__``). The C core reads the fields by these names

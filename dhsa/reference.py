@@ -402,7 +402,8 @@ def cache_chunks(bounds: np.ndarray, Lk: int, *, chunking: str = "dynamic",
 
 def decode_select(q, k, committed, *, budget: int, sink: int, local: int,
                   granularity: str = "kv_head", key_norm: float = 0.5,
-                  window: Optional[int] = None, score_q=None, score: str = "mean") -> dict:
+                  window: Optional[int] = None, score_q=None, score: str = "mean",
+                  scale: Optional[float] = None) -> dict:
     """The selection of one decode step (mirrors decode_select in decode.c).
 
     q (B, H, nq, D): the queries of the last nq of the Lk cached positions,
@@ -416,7 +417,10 @@ def decode_select(q, k, committed, *, budget: int, sink: int, local: int,
     ``budget`` keys (0: every visible key). ``score="bounds"``
     (DHSAConfig.decode_score): a chunk scores sum_d max(r_q[d] lo[d], r_q[d]
     hi[d]) instead, lo / hi the per-dimension min / max of its head-mean keys
-    rounded to float32. ``score_q`` (default q): the
+    rounded to float32; ``score="moments"``: scale r_q . mu + scale^2 / 2
+    sum_d r_q[d]^2 var[d], mu / var their per-dimension mean and variance
+    (sum m^2 / n - mu^2, at least 0) rounded to float32, ``scale`` the
+    softmax scale (default 1 / sqrt(D)). ``score_q`` (default q): the
     queries r_q is made of - a step that reuses chunk scores
     (DHSAConfig.decode_reuse) scores with the queries of the step that made
     them. Returns offsets / starts / ends over (B, SG) groups of one block."""
@@ -461,6 +465,15 @@ def decode_select(q, k, committed, *, budget: int, sink: int, local: int,
                         kmin = rows.min(axis=0).astype(np.float32).astype(np.float64)
                         kmax = rows.max(axis=0).astype(np.float32).astype(np.float64)
                         sc = float(np.sum(rq * np.where(rq >= 0, kmax, kmin)))
+                    elif score == "moments":
+                        rows = km[int(bd[c]):int(bd[c + 1])]
+                        cnt = float(len(rows))
+                        mu = rows.sum(axis=0) / cnt
+                        var = np.maximum(0.0, (rows * rows).sum(axis=0) / cnt - mu * mu)
+                        mu = mu.astype(np.float32).astype(np.float64)
+                        var = var.astype(np.float32).astype(np.float64)
+                        s_ = float(np.float32(1.0 / math.sqrt(D) if scale is None else scale))
+                        sc = s_ * float(rq @ mu) + 0.5 * s_ * s_ * float((rq * rq) @ var)
                     else:
                         rep = _repr(kP, int(bd[c]), int(bd[c + 1]), key_norm).astype(np.float32)
                         sc = float(rq @ rep.astype(np.float64))

@@ -51,6 +51,11 @@ CONFIGS = {
     "bounds_layer": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16,
                                     granularity="layer", chunking="fixed", chunk_size=12,
                                     decode_budget=160, decode_score="bounds"),
+    "moments": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16, decode_budget=160,
+                               decode_score="moments"),
+    "moments_layer": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16,
+                                     granularity="layer", decode_budget=160,
+                                     decode_score="moments"),
 }
 
 
@@ -260,7 +265,8 @@ def _group_heads(cfg, g, H, Hkv):
     return list(range(g * G, (g + 1) * G))
 
 
-@pytest.mark.parametrize("name", ["dynamic", "fixed", "layer", "query_head", "bounds"])
+@pytest.mark.parametrize("name", ["dynamic", "fixed", "layer", "query_head", "bounds",
+                                  "moments"])
 @pytest.mark.parametrize("reuse", [2, 5])
 def test_reused_chunk_scores_are_the_scoring_steps(name, reuse):
     """decode_reuse N: a group's chunk scores serve the single-query steps of
@@ -339,8 +345,9 @@ def test_reuse_one_scores_every_step_and_crop_or_reorder_rescore():
         cfg.replace(decode_reuse=1.5)
 
 
-def test_decode_with_a_window_and_softcap_matches_the_reference():
-    cfg = CONFIGS["dynamic"]
+@pytest.mark.parametrize("name", ["dynamic", "moments"])
+def test_decode_with_a_window_and_softcap_matches_the_reference(name):
+    cfg = CONFIGS[name]
     rng = np.random.default_rng(10)
     k, v = chunky(rng, 1, HKV, 600, D)
     q = queries(rng, 1, H, 2, D) * 3
@@ -348,7 +355,8 @@ def test_decode_with_a_window_and_softcap_matches_the_reference():
     out, info = dhsa.decode_attention(q, cache, window=300, softcap=2.0, scale=0.3,
                                       return_info=True)
     ref = reference.decode_select(q, k, committed(cache), budget=cfg.decode_budget,
-                                  sink=cfg.sink, local=cfg.local, window=300)
+                                  sink=cfg.sink, local=cfg.local, window=300,
+                                  score=cfg.decode_score, scale=0.3)
     np.testing.assert_array_equal(info.starts, ref["starts"])
     assert info.starts.min() >= 600 - 2 - 300 + 1
     want = reference.attention_with_selection(q, k, v, ref["offsets"], ref["starts"], ref["ends"],
@@ -440,12 +448,13 @@ def test_decode_picks_the_chunk_the_query_points_at():
     assert any(a <= 305 < e for a, e in r), r
 
 
-@pytest.mark.parametrize("score", ["mean", "bounds"])
-def test_bounds_find_the_lone_key_a_mean_dilutes(score):
+@pytest.mark.parametrize("score", ["mean", "bounds", "moments"])
+def test_bounds_and_moments_find_the_lone_key_a_mean_dilutes(score):
     """Chunk A holds one key pointing where the query does among noise, chunk
     B sixteen keys pointing there weakly; room for one chunk. The mean of A's
     keys is diluted below B's; A's bounds reach the lone key (q . k = 5 |q|),
-    which is where the attention is."""
+    and its variance lifts its expected weight - and the lone key holds more
+    attention than all of B."""
     cfg = dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16, chunking="fixed",
                           chunk_size=16, decode_budget=96, decode_score=score)
     rng = np.random.default_rng(24)
@@ -457,7 +466,9 @@ def test_bounds_find_the_lone_key_a_mean_dilutes(score):
     k[0, 0, 320:336, 0] = 0.0
     k[0, 0, 325] = 5.0 * u
     k[0, 0, 480:496] = 0.8 * u
-    q = np.tile(2.0 * u, (1, 2, 1, 1))
+    q = np.tile(6.0 * u, (1, 2, 1, 1))
+    w = np.exp((k[0, 0] @ q[0, 0, 0]) / np.sqrt(D))
+    assert w[325] > w[480:496].sum()
     cache = filled(cfg, k, v)
     _, info = dhsa.decode_attention(q, cache, return_info=True)
     r = info.ranges(0, 0)
@@ -466,14 +477,32 @@ def test_bounds_find_the_lone_key_a_mean_dilutes(score):
     assert picked == ([False, True] if score == "mean" else [True, False]), r
 
 
-def test_bounds_cost_two_vectors_per_chunk():
+@pytest.mark.parametrize("name", ["bounds", "moments"])
+def test_bounds_and_moments_cost_two_vectors_per_chunk(name):
     rng = np.random.default_rng(25)
     k, v = chunky(rng, 1, HKV, 4096, 64)
     mean = filled(CONFIGS["dynamic"], k, v).nbytes()["chunk_state"]
-    bounds = filled(CONFIGS["bounds"], k, v)
+    bounds = filled(CONFIGS[name], k, v)
     nb = sum(len(bounds.chunk_bounds(0, g)) - 1 for g in range(HKV))
     assert bounds.nbytes()["chunk_state"] - mean >= 2 * 64 * 4 * nb
     assert bounds.nbytes()["chunk_state"] < 0.5 * 2 * k.nbytes
+
+
+def test_kept_moments_scores_serve_only_the_scale_they_were_made_with():
+    cfg = CONFIGS["moments"].replace(decode_reuse=4)
+    rng = np.random.default_rng(26)
+    k, v = chunky(rng, 1, HKV, 402, D)
+    cache = filled(cfg, k[:, :, :400], v[:, :, :400])
+    q = queries(rng, 1, H, 1, D)
+    cache.append(k[:, :, 400:401], v[:, :, 400:401])
+    dhsa.decode_attention(q, cache, scale=0.3)
+    cache.append(k[:, :, 401:402], v[:, :, 401:402])
+    _, same = dhsa.decode_attention(q, cache, scale=0.3, return_info=True)
+    cache.crop(401)
+    cache.append(k[:, :, 401:402], v[:, :, 401:402])
+    dhsa.decode_attention(q, cache, scale=0.3)
+    _, other = dhsa.decode_attention(q, cache, scale=0.2, return_info=True)
+    assert same.reused_groups > 0 and other.reused_groups == 0
 
 
 # ---- edits -------------------------------------------------------------------------
@@ -497,7 +526,7 @@ def test_crop_equals_a_cache_given_only_the_kept_keys(name):
         cache.crop(501)
 
 
-@pytest.mark.parametrize("name", ["dynamic", "bounds"])
+@pytest.mark.parametrize("name", ["dynamic", "bounds", "moments"])
 def test_reorder_follows_the_batch(name):
     cfg = CONFIGS[name]
     rng = np.random.default_rng(16)

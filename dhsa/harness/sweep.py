@@ -32,6 +32,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..config import DECODE_SCORES
 from .intervals import mcnemar_exact_p, mean_ci, paired_ci
 from .models import MODELS, load_model, load_tokenizer
 
@@ -240,7 +241,6 @@ def run_sweep(model_name: str, *, tasks: Sequence[str], lengths: Sequence[int], 
         raise ValueError(f"decode budgets must be >= 1, got {list(decode_budgets)}")
     if any(r < 1 for r in decode_reuses):
         raise ValueError(f"decode reuses must be >= 1, got {list(decode_reuses)}")
-    from ..config import DECODE_SCORES
     if any(sc not in DECODE_SCORES for sc in decode_scores):
         raise ValueError(f"decode scores must be among {DECODE_SCORES}, got {list(decode_scores)}")
     cells = _plan(tasks, lengths, samples, methods, densities, tails, protocols, decode_budgets,
@@ -530,9 +530,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-reuses", type=int, nargs="+", default=[1],
                    help="DHSAConfig.decode_reuse values of the decode cells: a step's chunk "
                         "scores serve this many steps (default 1: every step scores)")
-    p.add_argument("--decode-scores", nargs="+", default=["mean"], choices=["mean", "bounds"],
-                   help="DHSAConfig.decode_score values of the decode cells: chunks scored by "
-                        "their mean key or by the bounds of their keys (default: mean)")
+    p.add_argument("--decode-scores", nargs="+", default=["mean"], choices=list(DECODE_SCORES),
+                   help="DHSAConfig.decode_score values of the decode cells: how a step scores "
+                        "closed chunks (default: mean)")
     p.add_argument("--haystack", choices=HAYSTACKS, default="noise",
                    help="noise sentences or essay text (passkey always uses noise)")
     p.add_argument("--haystack-dir", default=None,

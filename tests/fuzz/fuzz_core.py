@@ -340,7 +340,7 @@ PREDICT_NAMES = [("granularity", ["layer", "kv_head", "query_head"]),
                  ("normalization", ["sqrt", "mean", "sum"]),
                  ("method", ["dhsa", "dhsa", "block_topk"]),
                  ("chunk_score", ["mean", "mean", "max"]),
-                 ("decode_score", ["mean", "bounds"])]
+                 ("decode_score", ["mean", "bounds", "moments"])]
 
 
 def predict_config(src):
