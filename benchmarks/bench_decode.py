@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=32,
                    help="generation steps per timed call of the step sequence "
                         "(default %(default)s)")
+    p.add_argument("--decode-score", default=None,
+                   help="DHSAConfig.decode_score of the sparse caches (default: the config's)")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="L = 4K, 16K, budget 2K, 5 repeats")
@@ -128,6 +130,8 @@ def main(argv=None) -> int:
     timing = dict(repeats=args.repeats, warmup=args.warmup, max_seconds=args.max_seconds,
                   extra_repeats=args.extra_repeats)
     base_cfg = dhsa.DHSAConfig()
+    if args.decode_score:
+        base_cfg = base_cfg.replace(decode_score=args.decode_score)
     rows = []
     for (H, Hkv, D, cap) in shapes:
         for L in lengths:
@@ -267,7 +271,7 @@ def main(argv=None) -> int:
                      f"steps' selection groups that reused chunk scores.")
     config = {"shapes": args.shapes, "lengths": args.lengths, "budgets": args.budgets,
               "dtype": args.dtype, "threads": T, "repeats": args.repeats,
-              "reuse": args.reuse, "steps": args.steps}
+              "reuse": args.reuse, "steps": args.steps, "decode_score": base_cfg.decode_score}
     name = NAME + ("_quick" if args.quick else "")
     jp, mp = common.write_results(name, machine=machine, command=command, started=started,
                                   config=config, rows=rows,

@@ -59,7 +59,8 @@ def child(spec: dict) -> dict:
     if spec["method"] != "sdpa":
         cfg = dhsa.DHSAConfig(budget=spec["budget"])
         if spec["method"] == "dhsa_sparse":
-            cfg = cfg.replace(decode_budget=spec["decode_budget"])
+            cfg = cfg.replace(decode_budget=spec["decode_budget"],
+                              decode_score=spec["decode_score"])
         handle = dhsa.patch(model, cfg, num_threads=spec["threads"])
     rng = np.random.default_rng(spec["seed"])
     ids = torch.from_numpy(rng.integers(100, tok.vocab_size, size=(1, spec["L"])).astype(np.int64))
@@ -102,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=common.parse_length, default=2048,
                    help="prefill budget of both dhsa methods (default: %(default)s)")
     p.add_argument("--decode-budget", type=common.parse_length, default=2048)
+    p.add_argument("--decode-score", default=None,
+                   help="DHSAConfig.decode_score of sparse decode (default: the config's)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -120,12 +123,16 @@ def main(argv=None) -> int:
     # threads would otherwise take the cores from the C core's (and each other's)
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import dhsa
+    score = args.decode_score or dhsa.DHSAConfig().decode_score
+    dhsa.DHSAConfig(decode_score=score)  # a bad name fails here, not in a child
     rows = []
     for L in common.parse_lengths(args.lengths):
         by = {}
         for m in args.methods.split(","):
             spec = {"method": m, "L": L, "new_tokens": args.new_tokens, "budget": args.budget,
-                    "decode_budget": args.decode_budget, "threads": T, "seed": args.seed}
+                    "decode_budget": args.decode_budget, "decode_score": score, "threads": T,
+                    "seed": args.seed}
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
                                    json.dumps(spec)], capture_output=True, text=True, env=env)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -153,7 +160,7 @@ def main(argv=None) -> int:
     common.write_results(NAME, machine=machine, command=command, started=started,
                          config={"lengths": args.lengths, "new_tokens": args.new_tokens,
                                  "budget": args.budget, "decode_budget": args.decode_budget,
-                                 "threads": T, "OMP_WAIT_POLICY": env["OMP_WAIT_POLICY"]},
+                                 "decode_score": score, "threads": T, "OMP_WAIT_POLICY": env["OMP_WAIT_POLICY"]},
                          rows=rows, tables=[("Generation", rows, cols)], notes=notes,
                          out=args.out)
     return 0

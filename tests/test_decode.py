@@ -33,26 +33,28 @@ def queries(rng, B, H, n, D, dtype=np.float32):
     return rng.standard_normal((B, H, n, D)).astype(dtype)
 
 
+# chunks scored by "mean" unless the name says otherwise (the default is "moments")
+MEAN = dict(decode_score="mean")
 CONFIGS = {
-    "dynamic": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16, decode_budget=160),
+    "dynamic": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16, decode_budget=160,
+                               **MEAN),
     "fixed": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16, chunking="fixed",
-                             chunk_size=16, decode_budget=160),
+                             chunk_size=16, decode_budget=160, **MEAN),
     "block_topk": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16,
-                                  method="block_topk", chunk_size=8, decode_budget=160),
+                                  method="block_topk", chunk_size=8, decode_budget=160, **MEAN),
     "layer": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16, granularity="layer",
-                             decode_budget=160),
+                             decode_budget=160, **MEAN),
     "query_head": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16,
-                                  granularity="query_head", decode_budget=160),
+                                  granularity="query_head", decode_budget=160, **MEAN),
     "mean_norm": dhsa.DHSAConfig(budget=256, sink=8, local=32, block_size=16,
                                  normalization="mean", boundary_window=8, nms_radius=2,
-                                 decode_budget=100),
+                                 decode_budget=100, **MEAN),
     "bounds": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16, decode_budget=160,
                               decode_score="bounds"),
     "bounds_layer": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16,
                                     granularity="layer", chunking="fixed", chunk_size=12,
                                     decode_budget=160, decode_score="bounds"),
-    "moments": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16, decode_budget=160,
-                               decode_score="moments"),
+    "moments": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16, decode_budget=160),
     "moments_layer": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16,
                                      granularity="layer", decode_budget=160,
                                      decode_score="moments"),

@@ -310,4 +310,5 @@ def test_with_decode_sets_every_decode_option():
     assert (cfg.decode_budget, cfg.decode_reuse, cfg.decode_score) == (512, 4, "bounds")
     assert cfg.budget == EXACT_PREFILL.budget
     base = dhsa.DHSAConfig(budget=1024)
-    assert with_decode(base, 512).replace(decode_budget=None) == base
+    assert with_decode(base, 512, 1, base.decode_score).replace(decode_budget=None) == base
+    assert with_decode(base, 512).decode_score == "mean"  # the harness records "mean" as None
