@@ -114,18 +114,18 @@ class DHSAConfig:
     of a step serve the next N - 1 single-query steps too, unless a chunk
     closes meanwhile; sink, local, the open chunk and the budget are applied
     anew every step). ``decode_score``: how a decode step scores a closed
-    chunk for its query r_q: ``"mean"``, r_q . r_c as in the prefill,
+    chunk for its query r_q: ``"mean"`` (the default), r_q . r_c as in the prefill,
     ``"bounds"``, sum_d max(r_q[d] lo[d], r_q[d] hi[d]) over the per-dimension
     min and max of the chunk's (head-mean) keys - the largest r_q . k any key
     of the chunk could reach, as Quest scores its pages: one outlying key
-    lifts its chunk, where a mean dilutes it; or ``"moments"`` (the
-    default: it kept the most attention mass on SmolLM2 and Gemma-3, see
-    benchmarks/ablate_decode.py), scale r_q .
+    lifts its chunk, where a mean dilutes it; or ``"moments"``, scale r_q .
     mu + scale^2 / 2 sum_d r_q[d]^2 var[d] over the per-dimension mean and
     variance of the chunk's keys - the log of the attention weight exp(scale
     r_q . k) one of its keys can expect were they normal: the weight per key
     that a token budget buys, where "mean"'s sum / sqrt(n) favours long
-    chunks. Both keep 2 x D floats more per chunk in the cache.
+    chunks. Both keep 2 x D floats more per chunk in the cache. Measured
+    (README, "Sparse decode"): "moments" keeps the most attention mass and
+    the lowest perplexity, "mean" answers retrieval best.
 
     This class is the one place where the meaning of the options is checked
     (``__post_init__``). The C core reads the fields by these names
@@ -160,7 +160,7 @@ class DHSAConfig:
     chunk_score: str = "mean"
     decode_budget: Optional[int] = None
     decode_reuse: int = 1
-    decode_score: str = "moments"
+    decode_score: str = "mean"
     calibration: Optional[Union[str, "os.PathLike", "Calibration"]] = None
 
     def __post_init__(self) -> None:

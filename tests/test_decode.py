@@ -33,7 +33,7 @@ def queries(rng, B, H, n, D, dtype=np.float32):
     return rng.standard_normal((B, H, n, D)).astype(dtype)
 
 
-# chunks scored by "mean" unless the name says otherwise (the default is "moments")
+# chunks scored by "mean" (the default) unless the name says otherwise
 MEAN = dict(decode_score="mean")
 CONFIGS = {
     "dynamic": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16, decode_budget=160,
@@ -54,7 +54,8 @@ CONFIGS = {
     "bounds_layer": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16,
                                     granularity="layer", chunking="fixed", chunk_size=12,
                                     decode_budget=160, decode_score="bounds"),
-    "moments": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16, decode_budget=160),
+    "moments": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16, decode_budget=160,
+                               decode_score="moments"),
     "moments_layer": dhsa.DHSAConfig(budget=256, sink=16, local=64, block_size=16,
                                      granularity="layer", decode_budget=160,
                                      decode_score="moments"),
