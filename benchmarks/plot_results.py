@@ -8,7 +8,9 @@ docs/img/:
   O(L * budget)), and the speed-up over torch with the ideal 1 / density;
 - ``model_prefill.png`` (bench_model, bench_llama, bench_llama_32k): SmolLM2 prefill time per
   method and length, split into attention and the rest;
-- ``thread_scaling.png`` (bench_threads*): speed-up over 1 thread.
+- ``thread_scaling.png`` (bench_threads*): speed-up over 1 thread;
+- ``generation_speed.png`` (bench_generate, bench_llama_decode): SmolLM2
+  tokens/s vs context, exact and sparse decode.
 
     python benchmarks/plot_results.py [--results benchmarks/results] [--out docs/img]
 
@@ -168,6 +170,31 @@ def plot_threads(plt, doc, out: Path) -> bool:
     return True
 
 
+def plot_generate(plt, doc, llama, out: Path) -> bool:
+    """Tokens/s vs context: HF sdpa, dhsa exact and sparse decode (and
+    llama.cpp's decode, when measured on the same CPU)."""
+    if not doc:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    styles = {"sdpa": ("HF sdpa", "o-"), "dhsa_exact": ("dhsa, exact decode", "s-"),
+              "dhsa_sparse": ("dhsa, sparse decode", "^-")}
+    Ls = sorted({r["L"] for r in doc["rows"]})
+    for m, (label, style) in styles.items():
+        pts = sorted((r["L"], r["tokens_per_s"]) for r in doc["rows"] if r["method"] == m)
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
+    if llama:
+        pts = sorted((r["L"], r["tokens_per_s"]) for r in llama["rows"])
+        ax.plot(*zip(*pts), "x--", color="#777777", label="llama.cpp (Q4_1 weights)")
+        Ls = sorted(set(Ls) | {p[0] for p in pts})
+    log_axes(ax, Ls, [kfmt(L) for L in Ls], 2, "context (tokens)", "tokens / s",
+             "SmolLM2-135M generation, 2 threads")
+    fig.tight_layout()
+    fig.savefig(out / "generation_speed.png", dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=str(HERE / "results"))
@@ -189,6 +216,10 @@ def main(argv=None) -> int:
         "thread_scaling": plot_threads(plt, load(res, "bench_threads_16core")
                                        or load(res, "bench_threads"), out),
     }
+    generate, lldec = load(res, "bench_generate"), load(res, "bench_llama_decode")
+    if lldec and generate and cpu(lldec) != cpu(generate):
+        lldec = None
+    done["generation_speed"] = plot_generate(plt, generate, lldec, out)
     for k, v in done.items():
         print(f"{k}: {'written' if v else 'no results'}")
     return 0

@@ -984,6 +984,12 @@ def block_reliability(res: Results) -> str:
 # sparse decode
 # ----------------------------------------------------------------------------
 
+def _decode_score_of(doc: dict) -> str:
+    """'decode_score="moments"' as a benchmark ran it (files written before the
+    option existed ran the only score there was, "mean")."""
+    return f'decode_score="{doc["config"].get("decode_score") or "mean"}"'
+
+
 def block_bench_decode(res: Results) -> str:
     doc = res.json("bench_decode")
     budgets = sorted({r["budget"] for r in doc["rows"]})
@@ -1002,8 +1008,8 @@ def block_bench_decode(res: Results) -> str:
                        if reuse else []))
     threads = "/".join(str(t) for t in sorted({r["threads"] for r in doc["rows"]}))
     head = (f"**One decode step** (one query over a cache of L keys, {threads} threads, "
-            f"{doc['config'].get('dtype', 'float32')} K/V; decode budget {klen(b)}; ms per step):"
-            f"\n\n")
+            f"{doc['config'].get('dtype', 'float32')} K/V; decode budget {klen(b)}, "
+            f"{_decode_score_of(doc)}; ms per step):\n\n")
     cols = ["shape", "L", "sparse", "exact, from the cache", "exact kernel", "torch SDPA",
             "× exact kernel", "× torch", "chunk state / K-V"]
     if reuse:
@@ -1041,12 +1047,51 @@ def block_bench_generate(res: Results) -> str:
                      "yes" if r.get("same_tokens_as_exact", True) else "no"])
     cfg = doc["config"]
     head = (f"**Generation** of SmolLM2-135M-Instruct (float32, static cache, greedy, "
-            f"{cfg['new_tokens']} new tokens after an L-token prompt, {cfg['threads']} threads, "
+            f"{cfg['new_tokens']} new tokens after an L-token prompt, sparse decode with "
+            f"{_decode_score_of(doc)}, {cfg['threads']} threads, "
             f"OMP_WAIT_POLICY={cfg.get('OMP_WAIT_POLICY', 'unset')}; decode = median time per "
             f"token):\n\n")
     return head + table(["L", "method", "prefill", "decode ms/token", "tokens/s", "× sdpa",
                          "decode density", "same tokens as exact decode"], rows, "llrrrrrl") + \
         "\n\n" + sources(res, ["bench_generate"]) + "\n"
+
+
+DECODE_SCORE_LABEL = {"mean": "mean (r_q · r_c, the prefill's)", "bounds": "bounds (Quest's)",
+                      "moments": "moments (expected weight per key)",
+                      "oracle": "oracle (most true mass per key)"}
+
+
+def block_decode_ablation(res: Results) -> str:
+    """Decode-step recall per chunk score, one table per model."""
+    names = res.names("ablate_decode_*")
+    if not names:
+        return "(no decode-score ablation measured yet)\n"
+    docs = [res.json(n) for n in names]
+    scores = list(dict.fromkeys(r["score"] for d in docs for r in d["rows"]))
+    head = ["decode_score"] + [f"{d['config']['model']} {klen(d['config']['length'])}, budget "
+                               f"{klen(d['config']['budget'])}: recall / worst layer / output "
+                               f"error" for d in docs]
+    rows = []
+    for sc in scores:
+        cells = [DECODE_SCORE_LABEL.get(sc, sc)]
+        for d in docs:
+            r = next((x for x in d["rows"] if x["score"] == sc), None)
+            if r is None:
+                cells.append("–")
+                continue
+            e = "–" if r.get("output_error") is None else f(r["output_error"], 3)
+            cells.append(f"{f(r['recall_mean'], 3)} / {f(r['recall_min_layer'], 3)} / {e}")
+        rows.append(cells)
+    def layers(ls):
+        ls = list(ls)
+        run = len(ls) > 2 and ls == list(range(ls[0], ls[-1] + 1))
+        return f"{ls[0]}–{ls[-1]}" if run else ", ".join(map(str, ls))
+    text = "; ".join(f"{d['config']['model']}: {d['config']['steps']} steps at the end of "
+                     f"{klen(d['config']['length'])} tokens of {d['config']['text']}, layers "
+                     f"{layers(d['config']['layers'])}" for d in docs)
+    return (f"Attention-mass recall of one decode step by chunk score "
+            f"(`benchmarks/ablate_decode.py`; {text}):\n\n"
+            + table(head, rows, "l" + "r" * len(docs)) + "\n\n" + sources(res, names) + "\n")
 
 
 def block_llama_decode(res: Results) -> str:
@@ -1096,6 +1141,7 @@ BLOCKS: Dict[str, Callable[[Results], str]] = {
     "bench_threads": block_bench_threads,
     "bench_decode": block_bench_decode,
     "bench_generate": block_bench_generate,
+    "decode_ablation": block_decode_ablation,
     "tasks": block_tasks,
     "tasks_notes": block_tasks_notes,
     "accuracy": block_accuracy,

@@ -208,3 +208,20 @@ def test_bad_arguments_are_refused(tmp_path):
     assert e.value.code == 2
     with pytest.raises(ValueError, match="model"):
         sweep.load_model("gpt2")
+
+
+def test_heat_maps_leave_sparse_decode_cells_out(tmp_path, monkeypatch):
+    """A map shows the prefill method's exact-match scores; a sparse-decode
+    cell of the same method (its own row in the tables) never enters it."""
+    pytest.importorskip("matplotlib")
+    from dhsa.harness import viz
+    seen = []
+    real = viz.plot_niah
+    monkeypatch.setattr(viz, "plot_niah", lambda agg, **kw: seen.append(agg) or real(agg, **kw))
+    base = dict(model="smollm2", task="passkey", haystack="noise", length=2048, sample=0,
+                method="dense", density_target=None, tail=0, depth=0.5, scoring="exact",
+                prompt_hash="p")
+    rows = [dict(base, protocol=None, score=1.0),
+            dict(base, protocol="decode", decode_budget=512, score=0.0)]
+    paths = sweep.plot_heatmaps(rows, tmp_path)
+    assert len(paths) == 1 and [c["score"] for c in seen[0]] == [100.0]

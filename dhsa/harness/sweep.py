@@ -472,14 +472,16 @@ def markdown_table(entries: Sequence[Dict]) -> str:
 
 def plot_heatmaps(rows: Sequence[Dict], folder) -> List[Path]:
     """Length x depth heat map (fifths of depth) per model, task, haystack,
-    method, density and tail; PNG paths."""
+    method, density and tail of the prefill methods (sparse-decode cells
+    stay in the tables: their dense is not exact attention); PNG paths."""
     from .viz import plot_niah
     import matplotlib.pyplot as plt
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     groups: Dict[Tuple, List[Dict]] = defaultdict(list)
     for r in _dedupe(rows):
-        if r.get("depth") is not None and r["scoring"] != "loss":
+        if (r.get("depth") is not None and r["scoring"] != "loss"
+                and r.get("protocol") != "decode"):
             groups[(r["model"], r["task"], r["haystack"], r["method"], r["density_target"],
                     r["tail"])].append(r)
     paths = []
