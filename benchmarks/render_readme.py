@@ -1142,6 +1142,7 @@ BLOCKS: Dict[str, Callable[[Results], str]] = {
     "bench_decode": block_bench_decode,
     "bench_generate": block_bench_generate,
     "decode_ablation": block_decode_ablation,
+    "llama_decode": block_llama_decode,
     "tasks": block_tasks,
     "tasks_notes": block_tasks_notes,
     "accuracy": block_accuracy,
