@@ -213,7 +213,7 @@ PREDICT_BASE = dict(granularity="kv_head", block_size=8, sink=4, local=16,
                     max_budget=48, chunking="dynamic", chunk_size=8, boundary_window=4,
                     threshold=0.2, min_chunk=2, max_chunk=8, nms_radius=2, max_chunks=None,
                     normalization="sqrt", method="dhsa", dense_tail=0,
-                    chunk_score="mean")
+                    chunk_score="mean", decode_score="mean")
 
 
 def core_config(**fields):
