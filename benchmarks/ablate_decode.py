@@ -30,21 +30,21 @@ import argparse
 import math
 import os
 import sys
-import time
 
 import numpy as np
 
 import dhsa
-from common import command_line, machine_info, utc_now, write_results
+from common import capture_full_layers, command_line, machine_info, utc_now, write_results
 
 SCORES = ("mean", "bounds", "moments")
 
 
 def exact_probabilities(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
-    """(H, n) softmax of one position's queries q (H, D) over keys k (Hkv, n, D)."""
-    G = q.shape[0] // k.shape[0]
-    s = np.einsum("hd,hnd->hn", q.astype(np.float64),
-                  np.repeat(k.astype(np.float64), G, axis=0)) * scale
+    """(H, n) softmax of one position's queries q (H, D) over keys k (Hkv, n, D),
+    query head h reading KV head h // G."""
+    Hkv, n, D = k.shape
+    qg = q.astype(np.float64).reshape(Hkv, -1, D)
+    s = np.einsum("kgd,knd->kgn", qg, k.astype(np.float64)).reshape(-1, n) * scale
     s -= s.max(axis=1, keepdims=True)
     p = np.exp(s)
     return p / p.sum(axis=1, keepdims=True)
@@ -95,21 +95,9 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     started = utc_now()
-    from dhsa.analysis import capture_qkv
-    from dhsa.harness.eval import haystack_text
-    from dhsa.harness.models import load_model
-
-    model, tok = load_model(args.model)
-    text = haystack_text(args.haystack_dir, n_chars=args.offset + 10 * args.length + 10_000)
-    ids = tok(text[args.offset:], return_tensors="pt").input_ids[:, :args.length]
-    L = int(ids.shape[1])
-    t0 = time.perf_counter()
-    cap = capture_qkv(model, ids)
-    full = [li for li in sorted(cap) if not cap[li][3].get("sliding_window")]
-    layers = full[::args.layer_step]
-    print(f"captured {len(cap)} layers of {L} tokens in {time.perf_counter() - t0:.1f}s; "
-          f"full-attention layers used: {layers}", flush=True)
-    del model
+    cap, layers, L = capture_full_layers(args.model, length=args.length,
+                                         haystack_dir=args.haystack_dir, offset=args.offset,
+                                         layer_step=args.layer_step, chars_per_token=10)
     base = dhsa.DHSAConfig(decode_budget=args.budget)
     names = list(SCORES) + ["oracle"]
     recall = {n: {li: [] for li in layers} for n in names}
@@ -131,7 +119,8 @@ def main(argv=None):
         for t in range(first, L):
             n = t + 1
             p = exact_probabilities(q[:, t], k[:, :n], scale)
-            exact = np.einsum("hn,hnd->hd", p, np.repeat(v[:, :n].astype(np.float64), G, axis=0))
+            exact = np.einsum("kgn,knd->kgd", p.reshape(Hkv, G, n),
+                              v[:, :n].astype(np.float64)).reshape(H, D)
             qt = np.ascontiguousarray(q[None, :, t:t + 1])
             for s in SCORES:
                 c = caches[s]

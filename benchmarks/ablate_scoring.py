@@ -40,7 +40,7 @@ import time
 import numpy as np
 
 import dhsa
-from common import command_line, machine_info, utc_now, write_results
+from common import capture_full_layers, command_line, machine_info, utc_now, write_results
 
 # name: (harness method or variant, DHSAConfig fields changed after matching);
 # two rows are matched or chunked otherwise (see ADAPTIVE and SHARED_BOUNDS)
@@ -99,22 +99,14 @@ def main(argv=None):
             ROWS[n] = (variant, {})
         args.rows = list(args.rows) + extra
 
-    from dhsa.analysis import capture_qkv, dense_probabilities, recall_from_probabilities
-    from dhsa.harness.eval import haystack_text
-    from dhsa.harness.models import load_model
+    from dhsa.analysis import dense_probabilities, recall_from_probabilities
     from dhsa.harness.protocol import matched_config
     from dhsa.rules import query_heads_of
 
-    model, tok = load_model(args.model)
-    text = haystack_text(args.haystack_dir, n_chars=args.offset + 8 * args.length + 10_000)
-    ids = tok(text[args.offset:], return_tensors="pt").input_ids[:, :args.length]
-    L = int(ids.shape[1])
     t0 = time.perf_counter()
-    cap = capture_qkv(model, ids)
-    full = [li for li in sorted(cap) if not cap[li][3].get("sliding_window")]
-    layers = full[::args.layer_step]
-    print(f"captured {len(cap)} layers of {L} tokens in {time.perf_counter() - t0:.1f}s; "
-          f"full-attention layers used: {layers}", flush=True)
+    cap, layers, L = capture_full_layers(args.model, length=args.length,
+                                         haystack_dir=args.haystack_dir, offset=args.offset,
+                                         layer_step=args.layer_step)
 
     def adaptive_config(q, k, d, scale, softcap):
         """Adaptive budget whose achieved density on this layer is d (bisection on mass)."""

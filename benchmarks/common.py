@@ -559,6 +559,29 @@ def gflops(flops: Optional[float], seconds: Optional[float]) -> Optional[float]:
 # inputs
 # ----------------------------------------------------------------------------
 
+def capture_full_layers(model_name: str, *, length: int, haystack_dir: Optional[str],
+                        offset: int = 0, layer_step: int = 1, chars_per_token: int = 8):
+    """Q/K/V of a model's full-attention layers on ``length`` tokens of text
+    (the essays of ``haystack_dir`` from character ``offset`` on, or generated
+    prose): (captured {layer: (q, k, v, kwargs)}, every ``layer_step``-th
+    full-attention layer, the token count). The model is not kept."""
+    from dhsa.analysis import capture_qkv
+    from dhsa.harness.eval import haystack_text
+    from dhsa.harness.models import load_model
+
+    model, tok = load_model(model_name)
+    text = haystack_text(haystack_dir, n_chars=offset + chars_per_token * length + 10_000)
+    ids = tok(text[offset:], return_tensors="pt").input_ids[:, :length]
+    L = int(ids.shape[1])
+    t0 = time.perf_counter()
+    cap = capture_qkv(model, ids)
+    full = [li for li in sorted(cap) if not cap[li][3].get("sliding_window")]
+    layers = full[::layer_step]
+    print(f"captured {len(cap)} layers of {L} tokens in {time.perf_counter() - t0:.1f}s; "
+          f"full-attention layers used: {layers}", flush=True)
+    return cap, layers, L
+
+
 def make_qkv(B: int, H: int, Hkv: int, L: int, D: int, seed: int = 0):
     """Random normal float32 q (B,H,L,D), k and v (B,Hkv,L,D), generated
     directly in float32 (no float64 temporary)."""

@@ -22,8 +22,8 @@
  *
  * A decode step is one block of the last nq queries: the sink, local and
  * budget rules of the prefill (rules.h), the open chunk kept, closed chunks
- * by their score (the representation's, or its bounds') through the prefill's budget rule
- * (dhsa_cover_take), then the sparse kernel of attention.c on the stored
+ * by their decode_score (the representation's, the bounds' or the moments')
+ * through the prefill's budget rule (dhsa_cover_take), then the sparse kernel of attention.c on the stored
  * K/V (float16 stays float16), per (batch, KV head) with threads across
  * them.
  *
@@ -208,7 +208,7 @@ static void commit(dhsa_kv_cache *c, int64_t b, chunk_state *g, int64_t t, doubl
             for (int64_t h = 0; h < g->heads; h++) m += tmp[h * D + d];
             m /= (double)g->heads;
             acc[d] += m;
-            sq[d] += m * m;
+            if (score == DHSA_DECODE_MOMENTS) sq[d] += m * m;
             if (score == DHSA_DECODE_BOUNDS) { /* rounding is monotonic: the float32 min is the min's rounding */
                 const float f = (float)m;
                 s1[d] = x == a ? f : DHSA_MIN(s1[d], f);
