@@ -13,6 +13,10 @@
  * twins), and the softmax is kept online (running max m, running sum l) so
  * nothing larger than a tile is ever materialised. Items are handed out
  * longest-first with dynamic scheduling because causal tiles differ in cost.
+ * Items of at most 8 rows (a decode step: one query per head of a GQA
+ * group) read K / V in place through the row kernels instead of gathering
+ * and transposing them, and their keys are split into parts merged at the
+ * end, so that one KV head still keeps every thread busy.
  * Visibility, query-block geometry, the query-head -> KV-head / selection
  * group mapping and the normalisation of a row come from rules.h.
  *
@@ -197,9 +201,9 @@ static int attn_ranges_from(attn_ranges *r, const dhsa_attn_shape *s, const floa
 /* Online-softmax pass of R rows (pre-scaled queries in w->qt; row r is
  * query g->i0 + r % g->nq, at position g->spos + r % g->nq) over a key list,
  * in tiles of w->tile_k keys: S = Q K^T and O += P V by the tile kernels (or
- * sgemm). */
+ * sgemm), or with `rows` by the row kernels on K / V where they lie. */
 static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, const attn_ranges *rg,
-                        int64_t R, const dhsa_block_geom *g, const key_list *kl) {
+                        int64_t R, const dhsa_block_geom *g, const key_list *kl, int rows) {
     const int64_t D = s->D, TK = w->tile_k, nq = g->nq;
     const int use_blas = rg->tile_path == DHSA_TILE_BLAS;
     const int64_t R_pad = DHSA_ROUND_UP(R, DHSA_TILE_ROWS);
@@ -217,7 +221,14 @@ static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, const attn_ra
             dhsa_half_to_float(w->vt, (const uint16_t *)kl->v + t0 * D, nk * D);
             vt = w->vt;
         }
-        if (use_blas) {
+        if (rows) { /* K rows in place (float16: widened into kt first) */
+            const float *kr = (const float *)ktile;
+            if (kl->half) {
+                dhsa_half_to_float(w->kt, (const uint16_t *)ktile, nk * D);
+                kr = w->kt;
+            }
+            dhsa_rows_qk(rg->tile_path, w->s, TK, w->qt, kr, R, nk, D, rg->s_alpha);
+        } else if (use_blas) {
             const float *kt = (const float *)ktile;
             if (kl->half) {
                 dhsa_half_to_float(w->kt, (const uint16_t *)ktile, nk * D);
@@ -256,12 +267,67 @@ static void attend_keys(tile_scratch *w, const dhsa_attn_shape *s, const attn_ra
             w->l[r] = w->l[r] * alpha + sum;
             w->m[r] = m_new;
         }
-        if (use_blas)
+        if (rows) /* padding rows of S were zeroed by attend_item */
+            dhsa_rows_pv(rg->tile_path, w->o, w->s, TK, vt, R, nk, D);
+        else if (use_blas)
             dhsa_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)R, (int)D, (int)nk, 1.0f,
                        w->s, (int)TK, vt, (int)D, 1.0f, w->o, (int)D);
         else /* padding rows of S hold zero logits, never exponentiated: O += 0 there */
             dhsa_tile_pv(rg->tile_path, w->o, w->s, TK, vt, R_pad, nk, D);
     }
+}
+
+/* Split keys. An item of few rows over many keys (a decode step; one KV
+ * head, as Gemma-3 has, is one item) would keep one thread busy and the
+ * others idle: its visible keys are cut into parts of about SPLIT_KEYS,
+ * each part's online-softmax state (m, l, unnormalised o) is made on its
+ * own and the parts are merged in order. The number of parts depends on
+ * the keys only, never on the threads, so 1 and N threads give the same
+ * bits. */
+#define SPLIT_KEYS 1024
+#define SPLIT_MAX 8
+
+typedef struct {
+    int64_t from, to;  /* keys [from, to) of the item's visible keys */
+    float *m, *l, *o;  /* (R), (R), (R, D) */
+} key_part;
+
+static int64_t split_parts(int64_t keys) {
+    return DHSA_MAX(1, DHSA_MIN(SPLIT_MAX, keys / SPLIT_KEYS));
+}
+
+/* out rows of one item (heads [h0, h0+nh) x queries [i0, i0+nq)) from its
+ * parts' states: m = max m_p, l = sum l_p e^(m_p - m), o likewise */
+static void merge_parts(float *out, const dhsa_attn_shape *s, const key_part *parts,
+                        int64_t np, int64_t b, int64_t h0, int64_t nh, int64_t i0, int64_t nq) {
+    const int64_t D = s->D;
+    for (int64_t hh = 0; hh < nh; hh++)
+        for (int64_t i = 0; i < nq; i++) {
+            const int64_t r = hh * nq + i;
+            float *dst = out + ((b * s->H + h0 + hh) * s->Lq + i0 + i) * D;
+            float m = -INFINITY, l = 0.0f;
+            for (int64_t p = 0; p < np; p++)
+                if (parts[p].l[r] > 0.0f && parts[p].m[r] > m) m = parts[p].m[r];
+            for (int64_t x = 0; x < D; x++) dst[x] = 0.0f;
+            for (int64_t p = 0; p < np; p++) {
+                if (!(parts[p].l[r] > 0.0f)) continue; /* saw no key */
+                const float a = expf(parts[p].m[r] - m);
+                l += parts[p].l[r] * a;
+                const float *o = parts[p].o + r * D;
+                for (int64_t x = 0; x < D; x++) dst[x] += o[x] * a;
+            }
+            const float inv = dhsa_rule_inv_sum(l);
+            for (int64_t x = 0; x < D; x++) dst[x] *= inv;
+        }
+}
+
+/* Calls whose items have at most DHSA_TILE_ROWS rows each take the row
+ * kernels (tiles.c): K / V read in place, range by range, nothing padded to
+ * 8 rows. Decided per call, from the largest item, not per item: a short
+ * last query tile keeps the tile kernels, so a row's bits do not depend on
+ * how many queries follow it. */
+static int use_rows(const attn_ranges *rg, int64_t R) {
+    return R <= DHSA_TILE_ROWS && rg->tile_path != DHSA_TILE_BLAS;
 }
 
 /* One work item.
@@ -275,7 +341,8 @@ static void attend_item(tile_scratch *w, float *out, const float *q, const void 
                         const void *v, const dhsa_attn_shape *s, const attn_ranges *rg,
                         int64_t b, int64_t h0,
                         int64_t nh, int64_t kvh, int64_t i0, int64_t nq,
-                        const int32_t *starts, const int32_t *ends, int64_t nranges) {
+                        const int32_t *starts, const int32_t *ends, int64_t nranges,
+                        int rows, const key_part *kp) {
     const int64_t D = s->D, R = nh * nq;
     const dhsa_block_geom g = dhsa_rule_rows(s, i0, nq);
     const size_t esz = s->kv_f16 ? sizeof(uint16_t) : sizeof(float);
@@ -294,7 +361,29 @@ static void attend_item(tile_scratch *w, float *out, const float *q, const void 
 
     /* only keys some row of the item may see, [g.lo, g.hi), are walked */
     key_list kl = {kb, vb, NULL, 0, 0, s->kv_f16};
-    if (nranges == 1) {
+    if (rows) {
+        /* few rows: each range in place, nothing gathered (the softmax state
+         * carries from range to range); S rows [R, R_pad) stay zero */
+        memset(w->s + R * w->tile_k, 0, (size_t)((R_pad - R) * w->tile_k) * sizeof(float));
+        int64_t seen = 0; /* visible keys before range x */
+        const int64_t from = kp ? kp->from : 0, to = kp ? kp->to : INT64_MAX;
+        for (int64_t x = 0; x < nranges && seen < to; x++) {
+            int64_t a = DHSA_MAX((int64_t)starts[x], g.lo);
+            int64_t e = DHSA_MIN((int64_t)ends[x], g.hi);
+            if (e <= a) continue;
+            const int64_t n = e - a;
+            /* this part's share of the range: keys [from, to) of the item */
+            e = a + DHSA_MIN(n, to - seen);
+            a += DHSA_MAX(0, from - seen);
+            seen += n;
+            if (e <= a) continue;
+            kl.first = a;
+            kl.n = e - a;
+            kl.k = kb + (size_t)(a * D) * esz;
+            kl.v = vb + (size_t)(a * D) * esz;
+            attend_keys(w, s, rg, R, &g, &kl, 1);
+        }
+    } else if (nranges == 1) {
         kl.first = DHSA_MAX((int64_t)starts[0], g.lo);
         kl.n = DHSA_MAX(0, DHSA_MIN((int64_t)ends[0], g.hi) - kl.first);
         kl.k = kb + (size_t)(kl.first * D) * esz;
@@ -320,7 +409,15 @@ static void attend_item(tile_scratch *w, float *out, const float *q, const void 
         kl.n = n;
         kl.half = 0;
     }
-    attend_keys(w, s, rg, R, &g, &kl);
+    if (!rows) attend_keys(w, s, rg, R, &g, &kl, 0);
+    if (kp) { /* a part: its unnormalised state, merged by merge_parts */
+        for (int64_t r = 0; r < R; r++) {
+            kp->m[r] = w->m[r];
+            kp->l[r] = w->l[r];
+        }
+        memcpy(kp->o, w->o, (size_t)(R * D) * sizeof(float));
+        return;
+    }
 
     for (int64_t hh = 0; hh < nh; hh++) {
         float *dst = out + ((b * s->H + h0 + hh) * s->Lq + i0) * D;
@@ -339,6 +436,46 @@ static int64_t heads_per_item(const tile_plan *plan, int64_t group, int64_t qtil
     return DHSA_MIN(hpi, group);
 }
 
+static int sparse_run(float *out, const float *q, const void *k, const void *v,
+                      const dhsa_attn_shape *s, const dhsa_selection *sel,
+                      const attn_ranges *rg_in, const float max_abs[3], int num_threads);
+
+/* Dense attention of few-row items (a decode step over contiguous K / V)
+ * through the sparse kernel, one range per query tile: its split keys
+ * keep every thread busy when there are fewer items than threads. */
+static int dense_as_ranges(float *out, const float *q, const void *k, const void *v,
+                           const dhsa_attn_shape *s, const attn_ranges *rg, int64_t BQ,
+                           int num_threads) {
+    const int64_t nqt = (s->Lq + BQ - 1) / BQ, n = s->B * s->Hkv * nqt;
+    int64_t *offsets = malloc((size_t)(n + 1) * sizeof(int64_t));
+    int32_t *starts = malloc((size_t)n * sizeof(int32_t));
+    int32_t *ends = malloc((size_t)n * sizeof(int32_t));
+    int st = DHSA_ENOMEM;
+    if (offsets && starts && ends) {
+        offsets[0] = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t qt = i % nqt, i0 = qt * BQ;
+            const dhsa_block_geom g = dhsa_rule_rows(s, i0, DHSA_MIN(BQ, s->Lq - i0));
+            starts[i] = (int32_t)g.lo;
+            ends[i] = (int32_t)DHSA_MAX(g.lo, g.hi);
+            offsets[i + 1] = i + 1;
+        }
+        dhsa_selection sel = {0};
+        sel.offsets = offsets;
+        sel.starts = starts;
+        sel.ends = ends;
+        sel.block_size = BQ;
+        sel.num_blocks = nqt;
+        sel.num_groups = s->Hkv;
+        const float unused[3] = {0};
+        st = sparse_run(out, q, k, v, s, &sel, rg, unused, num_threads);
+    }
+    free(offsets);
+    free(starts);
+    free(ends);
+    return st;
+}
+
 int dhsa_attention_dense(float *out, const float *q, const void *k, const void *v,
                          const dhsa_attn_shape *s, int num_threads) {
     int st = dhsa_attn_shape_check(s);
@@ -352,6 +489,8 @@ int dhsa_attention_dense(float *out, const float *q, const void *k, const void *
     const int64_t G = dhsa_rule_gqa(s), BQ = plan.tile_q;
     const int64_t hpi = heads_per_item(&plan, G, BQ), nsub = (G + hpi - 1) / hpi;
     const int64_t nqt = (s->Lq + BQ - 1) / BQ;
+    if (use_rows(&rg, hpi * DHSA_MIN(BQ, s->Lq)))
+        return dense_as_ranges(out, q, k, v, s, &rg, BQ, num_threads);
     const int64_t per_tile = s->B * s->Hkv * nsub, items = per_tile * nqt;
     const int64_t gather_cap = 0; /* one range per item: nothing to gather */
     int status = DHSA_OK;
@@ -375,7 +514,7 @@ int dhsa_attention_dense(float *out, const float *q, const void *k, const void *
             const int64_t i0 = qt * BQ, nq = DHSA_MIN(BQ, s->Lq - i0);
             const dhsa_block_geom g = dhsa_rule_rows(s, i0, nq); /* one range: [g.lo, g.hi) */
             const int32_t start = (int32_t)g.lo, end = (int32_t)g.hi;
-            attend_item(&w, out, q, k, v, s, &rg, b, h0, nh, kvh, i0, nq, &start, &end, 1);
+            attend_item(&w, out, q, k, v, s, &rg, b, h0, nh, kvh, i0, nq, &start, &end, 1, 0, NULL);
         }
         scratch_free(&w);
     }
@@ -401,9 +540,6 @@ int dhsa_selection_check(const dhsa_selection *sel, const dhsa_attn_shape *s) {
     return DHSA_OK;
 }
 
-static int sparse_run(float *out, const float *q, const void *k, const void *v,
-                      const dhsa_attn_shape *s, const dhsa_selection *sel,
-                      const attn_ranges *rg_in, const float max_abs[3], int num_threads);
 
 int dhsa_attention_sparse(float *out, const float *q, const void *k, const void *v,
                           const dhsa_attn_shape *s, const dhsa_selection *sel,
@@ -426,6 +562,41 @@ int dhsa_attention_sparse_scanned(float *out, const float *q, const void *k, con
     return sparse_run(out, q, k, v, s, sel, NULL, max_abs, num_threads);
 }
 
+/* Work item x of the sparse kernel: longest query tiles first, then batch,
+ * KV head and head subset (the layout of dhsa_attention_dense's items). */
+typedef struct {
+    int64_t qt, b, kvh, h0, nh, i0, nq, idx; /* idx: the selection's block */
+} sparse_item;
+
+static sparse_item item_of(const dhsa_attn_shape *s, const dhsa_selection *sel, int64_t x,
+                           int64_t per_tile, int64_t nsub, int64_t hpi, int64_t G) {
+    sparse_item it;
+    const int64_t nqt = sel->num_blocks, BQ = sel->block_size;
+    it.qt = nqt - 1 - x / per_tile;
+    int64_t rem = x % per_tile;
+    const int64_t sub = rem % nsub; rem /= nsub;
+    it.kvh = rem % s->Hkv;
+    it.b = rem / s->Hkv;
+    it.h0 = it.kvh * G + sub * hpi;
+    it.nh = DHSA_MIN(hpi, G - sub * hpi);
+    it.i0 = it.qt * BQ;
+    it.nq = DHSA_MIN(BQ, s->Lq - it.i0);
+    const int64_t sg = dhsa_rule_group_of_head(s, sel->num_groups, it.h0); /* shared by the item's heads */
+    it.idx = (it.b * sel->num_groups + sg) * nqt + it.qt;
+    return it;
+}
+
+/* keys of selection block idx (query tile qt) that some query of the tile may see */
+static int64_t visible_keys(const dhsa_attn_shape *s, const dhsa_selection *sel, int64_t idx,
+                            int64_t qt) {
+    const int64_t i0 = qt * sel->block_size;
+    const dhsa_block_geom g = dhsa_rule_rows(s, i0, DHSA_MIN(sel->block_size, s->Lq - i0));
+    int64_t n = 0;
+    for (int64_t r = sel->offsets[idx]; r < sel->offsets[idx + 1]; r++)
+        n += DHSA_MAX(0, DHSA_MIN((int64_t)sel->ends[r], g.hi) - DHSA_MAX((int64_t)sel->starts[r], g.lo));
+    return n;
+}
+
 /* The sparse kernel after the checks; rg NULL: the guard from max_abs. */
 static int sparse_run(float *out, const float *q, const void *k, const void *v,
                       const dhsa_attn_shape *s, const dhsa_selection *sel,
@@ -446,7 +617,8 @@ static int sparse_run(float *out, const float *q, const void *k, const void *v,
     int status = DHSA_OK;
     /* gather scratch: the most keys any multi-range block selects */
     int64_t gather_cap = 0;
-    for (int64_t i = 0; i < s->B * SG * nqt; i++) {
+    const int rows = use_rows(&rg, hpi * DHSA_MIN(BQ, s->Lq)); /* every item */
+    for (int64_t i = 0; i < s->B * SG * nqt && !rows; i++) {
         if (sel->offsets[i + 1] - sel->offsets[i] < 2) continue;
         int64_t n = 0;
         for (int64_t r = sel->offsets[i]; r < sel->offsets[i + 1]; r++)
@@ -454,7 +626,25 @@ static int sparse_run(float *out, const float *q, const void *k, const void *v,
         gather_cap = DHSA_MAX(gather_cap, n);
     }
 
-#pragma omp parallel num_threads(dhsa_threads_for(num_threads, items))
+    /* split keys (row-kernel items only): parts by the most visible keys
+     * of any item, from the selection alone */
+    int64_t parts = 1;
+    if (rows) {
+        int64_t most = 0;
+        for (int64_t i = 0; i < s->B * SG * nqt; i++)
+            most = DHSA_MAX(most, visible_keys(s, sel, i, i % nqt));
+        parts = split_parts(most);
+    }
+    const int64_t R_cap = hpi * BQ, pstride = R_cap * (s->D + 2), work = items * parts;
+    float *pbuf = NULL;
+    key_part *kps = NULL;
+    if (parts > 1) {
+        pbuf = malloc((size_t)(work * pstride) * sizeof(float));
+        kps = malloc((size_t)work * sizeof(key_part));
+        if (!pbuf || !kps) { free(pbuf); free(kps); return DHSA_ENOMEM; }
+    }
+
+#pragma omp parallel num_threads(dhsa_threads_for(num_threads, work))
     {
         tile_scratch w;
         int ok = scratch_init(&w, hpi * BQ, s->D, plan.tile_k, gather_cap, s->kv_f16) == DHSA_OK;
@@ -463,21 +653,36 @@ static int sparse_run(float *out, const float *q, const void *k, const void *v,
             status = DHSA_ENOMEM;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < items; t++) {
+        for (int64_t t = 0; t < work; t++) {
             if (!ok) continue;
-            const int64_t qt = nqt - 1 - t / per_tile;
-            int64_t rem = t % per_tile;
-            const int64_t sub = rem % nsub; rem /= nsub;
-            const int64_t kvh = rem % s->Hkv, b = rem / s->Hkv;
-            const int64_t h0 = kvh * G + sub * hpi, nh = DHSA_MIN(hpi, G - sub * hpi);
-            const int64_t i0 = qt * BQ, nq = DHSA_MIN(BQ, s->Lq - i0);
-            const int64_t sg = dhsa_rule_group_of_head(s, SG, h0); /* shared by [h0, h0+nh) */
-            const int64_t idx = (b * SG + sg) * nqt + qt;
-            const int64_t r0 = sel->offsets[idx], nr = sel->offsets[idx + 1] - r0;
-            attend_item(&w, out, q, k, v, s, &rg, b, h0, nh, kvh, i0, nq,
-                        sel->starts + r0, sel->ends + r0, nr);
+            const sparse_item it = item_of(s, sel, t / parts, per_tile, nsub, hpi, G);
+            const int64_t r0 = sel->offsets[it.idx], nr = sel->offsets[it.idx + 1] - r0;
+            key_part *kp = NULL;
+            if (parts > 1) {
+                const int64_t p = t % parts, n = visible_keys(s, sel, it.idx, it.qt);
+                kp = &kps[t];
+                kp->from = n * p / parts;
+                kp->to = n * (p + 1) / parts;
+                kp->m = pbuf + t * pstride;
+                kp->l = kp->m + R_cap;
+                kp->o = kp->l + R_cap;
+            }
+            attend_item(&w, out, q, k, v, s, &rg, it.b, it.h0, it.nh, it.kvh, it.i0, it.nq,
+                        sel->starts + r0, sel->ends + r0, nr, rows, kp);
+        }
+        int st_now;
+#pragma omp atomic read
+        st_now = status; /* after the loop's barrier: every part has run */
+        if (parts > 1 && st_now == DHSA_OK) {
+#pragma omp for schedule(static)
+            for (int64_t x = 0; x < items; x++) {
+                const sparse_item it = item_of(s, sel, x, per_tile, nsub, hpi, G);
+                merge_parts(out, s, kps + x * parts, parts, it.b, it.h0, it.nh, it.i0, it.nq);
+            }
         }
         scratch_free(&w);
     }
+    free(pbuf);
+    free(kps);
     return status;
 }

@@ -65,6 +65,16 @@ void dhsa_tile_qk(int path, float *s, int64_t lds, const float *q, const float *
 /* o (R, D) += p (R, nk; row stride ldp) . v (nk, D) */
 void dhsa_tile_pv(int path, float *o, const float *p, int64_t ldp, const float *v, int64_t R,
                   int64_t nk, int64_t D);
+/* Row kernels for items of R <= DHSA_TILE_ROWS rows (tiles.c): k row-major
+ * (nk, D), read in place; s needs lds >= round_up(nk, 4). dhsa_rows_pv's
+ * vector path reads p rows and writes o rows up to round_up(R, 4): padding
+ * rows of p must be zero. */
+void dhsa_rows_qk(int path, float *s, int64_t lds, const float *q, const float *k, int64_t R,
+                  int64_t nk, int64_t D, float alpha);
+void dhsa_rows_pv(int path, float *o, const float *p, int64_t ldp, const float *v, int64_t R,
+                  int64_t nk, int64_t D);
+void dhsa_rows_qk_scalar(float *s, int64_t lds, const float *q, const float *k, int64_t R,
+                         int64_t nk, int64_t D, float alpha);
 void dhsa_tile_qk_scalar(float *s, int64_t lds, const float *q, const float *kt, int64_t ldk,
                          int64_t R, int64_t nk, int64_t D, float alpha);
 void dhsa_tile_pv_scalar(float *o, const float *p, int64_t ldp, const float *v, int64_t R,

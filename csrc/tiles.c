@@ -13,6 +13,13 @@
  * key tile (D x nk floats, shared by every row of the item) so that
  * consecutive keys are consecutive floats.
  *
+ * Items of at most DHSA_TILE_ROWS rows (a decode step: one query per head of
+ * a GQA group) take the row kernels instead: padded to 8-row blocks, 3 or 4
+ * real rows would waste most of the FMAs, and the K tile's transpose would
+ * cost more than its product. dhsa_rows_qk reads k's rows where they lie
+ * (4 keys per pass over a query row, one horizontal add per 4 scores);
+ * dhsa_rows_pv is the 4-row PV kernel on R rounded up to 4.
+ *
  * Paths: AVX-512F (8 rows x 32 keys / columns), AVX2/FMA (4 rows x 16), the
  * plain scalar twins dhsa_tile_qk_scalar / dhsa_tile_pv_scalar (for
  * comparison, tests/test_tiles.py), and OpenBLAS sgemm (D not a multiple of
@@ -106,6 +113,18 @@ void dhsa_tile_pv_scalar(float *o, const float *p, int64_t ldp, const float *v, 
         for (int64_t j = 0; j < nk; j++) {
             const float pj = p[r * ldp + j];
             for (int64_t d = 0; d < D; d++) o[r * D + d] += pj * v[j * D + d];
+        }
+}
+
+/* s (R, nk) = alpha * q (R, D) k (nk, D)^T: the rows kernel's twin (the sums
+ * of dhsa_tile_qk_scalar, without the transpose) */
+void dhsa_rows_qk_scalar(float *s, int64_t lds, const float *q, const float *k, int64_t R,
+                         int64_t nk, int64_t D, float alpha) {
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t j = 0; j < nk; j++) {
+            float acc = 0.0f;
+            for (int64_t d = 0; d < D; d++) acc += q[r * D + d] * k[j * D + d];
+            s[r * lds + j] = alpha * acc;
         }
 }
 
@@ -275,6 +294,37 @@ AVX2 static void pv_avx2(float *o, const float *p, int64_t ldp, const float *v, 
         }
     }
 }
+/* ---- few rows (AVX2/FMA on both vector paths) -------------------------- */
+
+/* Four keys per pass over a query row: 8-lane partial sums, then one
+ * horizontal add tree gives the 4 scores; every key's sum has the same
+ * order whatever its slot. Past nk the last key is read again and its
+ * scores land in columns [nk, round_up(nk, 4)) of s, which lds leaves room
+ * for and nothing reads. */
+AVX2 static void rows_qk_avx2(float *s, int64_t lds, const float *q, const float *k,
+                              int64_t R, int64_t nk, int64_t D, float alpha) {
+    const __m128 va = _mm_set1_ps(alpha);
+    for (int64_t j0 = 0; j0 < nk; j0 += 4) {
+        const float *k0 = k + j0 * D;
+        const float *k1 = k + DHSA_MIN(j0 + 1, nk - 1) * D;
+        const float *k2 = k + DHSA_MIN(j0 + 2, nk - 1) * D;
+        const float *k3 = k + DHSA_MIN(j0 + 3, nk - 1) * D;
+        for (int64_t r = 0; r < R; r++) {
+            const float *qr = q + r * D;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t d = 0; d < D; d += 8) {
+                const __m256 x = _mm256_loadu_ps(qr + d);
+                a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + d), a0);
+                a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k1 + d), a1);
+                a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k2 + d), a2);
+                a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k3 + d), a3);
+            }
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+            const __m128 t = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            _mm_storeu_ps(s + r * lds + j0, _mm_mul_ps(t, va));
+        }
+    }
+}
 #endif /* DHSA_TILES_VECTOR */
 
 /* ---- dispatch ---------------------------------------------------------- */
@@ -294,6 +344,31 @@ void dhsa_tile_pv(int path, float *o, const float *p, int64_t ldp, const float *
 #if DHSA_TILES_VECTOR
     if (path == DHSA_TILE_AVX512) { pv_avx512(o, p, ldp, v, R, nk, D); return; }
     if (path == DHSA_TILE_AVX2) { pv_avx2(o, p, ldp, v, R, nk, D); return; }
+#endif
+    (void)path;
+    dhsa_tile_pv_scalar(o, p, ldp, v, R, nk, D);
+}
+
+void dhsa_rows_qk(int path, float *s, int64_t lds, const float *q, const float *k, int64_t R,
+                  int64_t nk, int64_t D, float alpha) {
+#if DHSA_TILES_VECTOR
+    if (path == DHSA_TILE_AVX512 || path == DHSA_TILE_AVX2) {
+        rows_qk_avx2(s, lds, q, k, R, nk, D, alpha);
+        return;
+    }
+#endif
+    (void)path;
+    dhsa_rows_qk_scalar(s, lds, q, k, R, nk, D, alpha);
+}
+
+void dhsa_rows_pv(int path, float *o, const float *p, int64_t ldp, const float *v, int64_t R,
+                  int64_t nk, int64_t D) {
+#if DHSA_TILES_VECTOR
+    /* the same per-element FMA order as pv_avx512: both paths, the same bits */
+    if (path == DHSA_TILE_AVX512 || path == DHSA_TILE_AVX2) {
+        pv_avx2(o, p, ldp, v, DHSA_ROUND_UP(R, 4), nk, D);
+        return;
+    }
 #endif
     (void)path;
     dhsa_tile_pv_scalar(o, p, ldp, v, R, nk, D);
