@@ -646,6 +646,15 @@ def _task_sources(name: str, doc: dict) -> str:
             f"{', '.join(doc.get('machines', []))}; made by</sub><br>\n{cmds}")
 
 
+def _decode_how(budget, reuse, dscore, cells) -> str:
+    """How a decode row ran: sparse decode, or, where no step fell short of its
+    budget (decode density 1), exact attention through decode steps."""
+    steps = [e for e in cells.values() if e.get("protocol") == "decode"]
+    if steps and all((e.get("decode_density") or 0.0) >= 1.0 for e in steps):
+        return f"decode steps, budget {klen(budget)} ≥ context (exact)"
+    return f"sparse decode {klen(budget)}" + _decode_options(reuse, dscore)
+
+
 def block_tasks(res: Results) -> str:
     """One table per model: task rows, method columns, scores with 95% CIs."""
     parts = []
@@ -653,7 +662,7 @@ def block_tasks(res: Results) -> str:
         rows = []
         methods = _methods_of(_task_rows(doc))
         for (task, length, rho, tail, proto, budget, reuse, dscore), cells in _task_rows(doc):
-            how = (f", sparse decode {klen(budget)}" + _decode_options(reuse, dscore)
+            how = (", " + _decode_how(budget, reuse, dscore, cells)
                    if proto == "decode" else f", {proto} continuation" if proto
                    else f", dense tail {tail}" if tail else "")
             n = max(e["n"] for e in cells.values())
@@ -731,7 +740,7 @@ def block_tasks_notes(res: Results) -> str:
             d = cells.get("dense")
             if k[4] != "decode" or not d or d.get("diff_vs_dense") is None:
                 continue
-            what = (f"  sparse decode {klen(k[5])}" + _decode_options(k[6], k[7])
+            what = ("  " + _decode_how(k[5], k[6], k[7], cells)
                     + f" after an exact prefill against exact decode, {TASK_NAMES.get(k[0], k[0])} "
                       f"at {klen(k[1])} (decode density {d['decode_density']:.3f}), n = "
                       f"{d['n_paired']}: ")

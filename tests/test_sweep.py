@@ -124,7 +124,13 @@ def test_decode_budgets_add_sparse_decode_cells(tiny, tmp_path):
     dd = [e for e in entries if e["method"] == "dense" and e["protocol"] == "decode"]
     assert dd and all(e["n_paired"] == 1 for e in dd)  # paired with exact dense
     md = sweep.markdown_table(entries)
-    assert "sparse decode 512" in md
+    assert "sparse decode 512" in md and ">= context: exact" not in md
+    # a budget no step falls short of reads every key: labelled exact, not sparse
+    for e in entries:
+        if e["protocol"] == "decode":
+            e["decode_density"] = 1.0
+    md = sweep.markdown_table(entries)
+    assert "decode steps, budget 512 >= context: exact" in md
     assert _run(tiny, out, **grid) == []  # resumes
 
 

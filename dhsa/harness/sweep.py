@@ -460,7 +460,10 @@ def markdown_table(entries: Sequence[Dict]) -> str:
         if k[:4] in dense and "dense" not in row:
             row["dense"] = dense[k[:4]]
         n = max(e["n"] for e in row.values())
-        how = (f"sparse decode {k[7]}" + (f", reuse {k[8]}" if k[8] else "")
+        steps = [e for e in row.values() if e.get("protocol") == "decode"]
+        exact_steps = bool(steps) and all((e.get("decode_density") or 0.0) >= 1.0 for e in steps)
+        how = (f"decode steps, budget {k[7]} >= context: exact" if exact_steps and k[6] == "decode"
+               else f"sparse decode {k[7]}" + (f", reuse {k[8]}" if k[8] else "")
                + (f", {k[9]} scores" if k[9] else "")
                if k[6] == "decode" else f"{k[6]} continuation" if k[6]
                else f"tail {k[5]}" if k[5] else "no tail")
