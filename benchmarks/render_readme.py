@@ -1137,6 +1137,32 @@ GENERATE_LABEL = {"sdpa": "HF sdpa", "dhsa_exact": "dhsa, exact decode",
 # the README
 # ----------------------------------------------------------------------------
 
+def block_needle_decode(res: Results) -> str:
+    """Whether the last prompt step keeps the pass-key needle, by score and budget."""
+    names = res.names("needle_decode_*")
+    if not names:
+        return "(no needle measurement yet)\n"
+    parts = []
+    for name in names:
+        d = res.json(name)
+        cfg = d["config"]
+        rows = [[klen(r["budget"]), DECODE_SCORE_LABEL.get(r["score"], r["score"]),
+                 f(r["needle_kept"], 2), f(r["needle_all_kept"], 2), f(r["recall"], 3)]
+                for r in d["rows"]]
+        m = cfg["needle_mass"]
+        parts.append(
+            f"**The needle in one decode step**, {cfg['model']} at {klen(cfg['length'])} "
+            f"(`benchmarks/needle_decode.py`: {cfg['samples']} pass-key prompts, layers "
+            f"{', '.join(map(str, cfg['layers']))}, the step of the last prompt position). "
+            f"The query heads give the needle {f(100 * m['mean'], 2)}% of their attention on "
+            f"average, {f(100 * m['median_max_head'], 2)}% in the median layer's most attentive "
+            f"head and at most {f(100 * m['max_head'], 2)}%:\n\n"
+            + table(["budget", "decode_score", "needle tokens kept", "layers keeping all of it",
+                     "attention mass kept"], rows, "llrrr")
+            + "\n\n" + sources(res, [name]))
+    return "\n\n".join(parts) + "\n"
+
+
 BLOCKS: Dict[str, Callable[[Results], str]] = {
     "speed_header": block_speed_header,
     "speed_intro": block_speed_intro,
@@ -1151,6 +1177,7 @@ BLOCKS: Dict[str, Callable[[Results], str]] = {
     "bench_decode": block_bench_decode,
     "bench_generate": block_bench_generate,
     "decode_ablation": block_decode_ablation,
+    "needle_decode": block_needle_decode,
     "llama_decode": block_llama_decode,
     "tasks": block_tasks,
     "tasks_notes": block_tasks_notes,
