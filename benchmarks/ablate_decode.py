@@ -50,6 +50,16 @@ def exact_probabilities(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarra
     return p / p.sum(axis=1, keepdims=True)
 
 
+def kept_mask(info, H: int, G: int, n: int) -> np.ndarray:
+    """(H, n) keys a decode step read, from its return_info (query head h in
+    selection group h // G)."""
+    keep = np.zeros((H, n), bool)
+    for g in range(H // G):
+        for a, e in info.ranges(0, g):
+            keep[g * G:(g + 1) * G, a:e] = True
+    return keep
+
+
 def oracle_mask(p: np.ndarray, G: int, cfg, bounds_of) -> np.ndarray:
     """(H, n) keys of the oracle step: what every decode step keeps (sink,
     local, the open chunk; rules of dhsa.rules as the reference's
@@ -128,10 +138,7 @@ def main(argv=None):
                          np.ascontiguousarray(v[None, :, t:t + 1]))
                 out, di = dhsa.decode_attention(qt, c, scale=scale, return_info=True,
                                                 num_threads=args.threads)
-                keep = np.zeros((H, n), bool)
-                for g in range(Hkv):
-                    for a, e in di.ranges(0, g):
-                        keep[g * G:(g + 1) * G, a:e] = True
+                keep = kept_mask(di, H, G, n)
                 recall[s][li].append(float((p * keep).sum(axis=1).mean()))
                 diff = out[0, :, 0].astype(np.float64) - exact
                 err[s].append(float(np.linalg.norm(diff) / np.linalg.norm(exact)))

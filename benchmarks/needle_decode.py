@@ -32,17 +32,8 @@ import sys
 import numpy as np
 
 import dhsa
-from ablate_decode import SCORES, exact_probabilities, oracle_mask
+from ablate_decode import SCORES, exact_probabilities, kept_mask, oracle_mask
 from common import command_line, machine_info, utc_now, write_results
-
-
-def kept_mask(info, H: int, G: int, n: int) -> np.ndarray:
-    """(H, n) keys a decode step read, from its return_info."""
-    keep = np.zeros((H, n), bool)
-    for g in range(H // G):
-        for a, e in info.ranges(0, g):
-            keep[g * G:(g + 1) * G, a:e] = True
-    return keep
 
 
 def main(argv=None):

@@ -32,6 +32,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from dhsa.harness.sweep import decode_steps_exact  # the one home of the rule
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 MINUS = "\u2212"
@@ -649,8 +651,7 @@ def _task_sources(name: str, doc: dict) -> str:
 def _decode_how(budget, reuse, dscore, cells) -> str:
     """How a decode row ran: sparse decode, or, where no step fell short of its
     budget (decode density 1), exact attention through decode steps."""
-    steps = [e for e in cells.values() if e.get("protocol") == "decode"]
-    if steps and all((e.get("decode_density") or 0.0) >= 1.0 for e in steps):
+    if decode_steps_exact(cells.values()):
         return f"decode steps, budget {klen(budget)} ≥ context (exact)"
     return f"sparse decode {klen(budget)}" + _decode_options(reuse, dscore)
 

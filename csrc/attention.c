@@ -614,40 +614,57 @@ static int sparse_run(float *out, const float *q, const void *k, const void *v,
     const int64_t hpi = SG == s->H ? 1 : heads_per_item(&plan, G, BQ);
     const int64_t nsub = (G + hpi - 1) / hpi, nqt = sel->num_blocks;
     const int64_t per_tile = s->B * s->Hkv * nsub, items = per_tile * nqt;
+    const int64_t nblk = s->B * SG * nqt;
+    const int64_t R_cap = hpi * DHSA_MIN(BQ, s->Lq); /* rows of the largest item */
+    const int rows = use_rows(&rg, R_cap);             /* for every item of the call */
     int status = DHSA_OK;
-    /* gather scratch: the most keys any multi-range block selects */
+    /* gather scratch (tile kernels): the most keys any multi-range block selects */
     int64_t gather_cap = 0;
-    const int rows = use_rows(&rg, hpi * DHSA_MIN(BQ, s->Lq)); /* every item */
-    for (int64_t i = 0; i < s->B * SG * nqt && !rows; i++) {
-        if (sel->offsets[i + 1] - sel->offsets[i] < 2) continue;
-        int64_t n = 0;
-        for (int64_t r = sel->offsets[i]; r < sel->offsets[i + 1]; r++)
-            n += (int64_t)sel->ends[r] - sel->starts[r];
-        gather_cap = DHSA_MAX(gather_cap, n);
-    }
+    if (!rows)
+        for (int64_t i = 0; i < nblk; i++) {
+            if (sel->offsets[i + 1] - sel->offsets[i] < 2) continue;
+            int64_t n = 0;
+            for (int64_t r = sel->offsets[i]; r < sel->offsets[i + 1]; r++)
+                n += (int64_t)sel->ends[r] - sel->starts[r];
+            gather_cap = DHSA_MAX(gather_cap, n);
+        }
 
-    /* split keys (row-kernel items only): parts by the most visible keys
-     * of any item, from the selection alone */
-    int64_t parts = 1;
-    if (rows) {
-        int64_t most = 0;
-        for (int64_t i = 0; i < s->B * SG * nqt; i++)
-            most = DHSA_MAX(most, visible_keys(s, sel, i, i % nqt));
-        parts = split_parts(most);
-    }
-    const int64_t R_cap = hpi * BQ, pstride = R_cap * (s->D + 2), work = items * parts;
+    /* split keys (row kernels): every block's visible keys counted once, the
+     * parts from the most of them, each work item's part laid out here */
+    int64_t parts = 1, work = items;
     float *pbuf = NULL;
     key_part *kps = NULL;
-    if (parts > 1) {
-        pbuf = malloc((size_t)(work * pstride) * sizeof(float));
-        kps = malloc((size_t)work * sizeof(key_part));
-        if (!pbuf || !kps) { free(pbuf); free(kps); return DHSA_ENOMEM; }
+    if (rows) {
+        int64_t *nvis = malloc((size_t)nblk * sizeof(int64_t)), most = 0;
+        if (!nvis) return DHSA_ENOMEM;
+        for (int64_t i = 0; i < nblk; i++) {
+            nvis[i] = visible_keys(s, sel, i, i % nqt);
+            most = DHSA_MAX(most, nvis[i]);
+        }
+        parts = split_parts(most);
+        work = items * parts;
+        const int64_t pstride = R_cap * (s->D + 2);
+        if (parts > 1) {
+            pbuf = malloc((size_t)(work * pstride) * sizeof(float));
+            kps = malloc((size_t)work * sizeof(key_part));
+            for (int64_t t = 0; pbuf && kps && t < work; t++) {
+                const int64_t p = t % parts;
+                const int64_t n = nvis[item_of(s, sel, t / parts, per_tile, nsub, hpi, G).idx];
+                kps[t].from = n * p / parts;
+                kps[t].to = n * (p + 1) / parts;
+                kps[t].m = pbuf + t * pstride;
+                kps[t].l = kps[t].m + R_cap;
+                kps[t].o = kps[t].l + R_cap;
+            }
+        }
+        free(nvis);
+        if (parts > 1 && (!pbuf || !kps)) { free(pbuf); free(kps); return DHSA_ENOMEM; }
     }
 
 #pragma omp parallel num_threads(dhsa_threads_for(num_threads, work))
     {
         tile_scratch w;
-        int ok = scratch_init(&w, hpi * BQ, s->D, plan.tile_k, gather_cap, s->kv_f16) == DHSA_OK;
+        int ok = scratch_init(&w, R_cap, s->D, plan.tile_k, gather_cap, s->kv_f16) == DHSA_OK;
         if (!ok) {
 #pragma omp atomic write
             status = DHSA_ENOMEM;
@@ -657,18 +674,8 @@ static int sparse_run(float *out, const float *q, const void *k, const void *v,
             if (!ok) continue;
             const sparse_item it = item_of(s, sel, t / parts, per_tile, nsub, hpi, G);
             const int64_t r0 = sel->offsets[it.idx], nr = sel->offsets[it.idx + 1] - r0;
-            key_part *kp = NULL;
-            if (parts > 1) {
-                const int64_t p = t % parts, n = visible_keys(s, sel, it.idx, it.qt);
-                kp = &kps[t];
-                kp->from = n * p / parts;
-                kp->to = n * (p + 1) / parts;
-                kp->m = pbuf + t * pstride;
-                kp->l = kp->m + R_cap;
-                kp->o = kp->l + R_cap;
-            }
             attend_item(&w, out, q, k, v, s, &rg, it.b, it.h0, it.nh, it.kvh, it.i0, it.nq,
-                        sel->starts + r0, sel->ends + r0, nr, rows, kp);
+                        sel->starts + r0, sel->ends + r0, nr, rows, kps ? &kps[t] : NULL);
         }
         int st_now;
 #pragma omp atomic read

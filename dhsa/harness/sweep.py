@@ -396,6 +396,13 @@ def summarize_sweep(rows: Iterable[Dict]) -> List[Dict]:
     return out
 
 
+def decode_steps_exact(entries: Iterable[Dict]) -> bool:
+    """Whether summary entries of a decode row never fell short of their
+    budget (decode density 1): exact attention through decode steps."""
+    steps = [e for e in entries if e.get("protocol") == "decode"]
+    return bool(steps) and all((e.get("decode_density") or 0.0) >= 1.0 for e in steps)
+
+
 def _fmt_cell(e: Dict, target: Optional[float], n: int) -> str:
     """"mean [low, high]" (% for exact match, nats for losses), ↓ when worse than
     dense (:func:`worse_than_dense`), flagged with its own n or density where
@@ -460,9 +467,8 @@ def markdown_table(entries: Sequence[Dict]) -> str:
         if k[:4] in dense and "dense" not in row:
             row["dense"] = dense[k[:4]]
         n = max(e["n"] for e in row.values())
-        steps = [e for e in row.values() if e.get("protocol") == "decode"]
-        exact_steps = bool(steps) and all((e.get("decode_density") or 0.0) >= 1.0 for e in steps)
-        how = (f"decode steps, budget {k[7]} >= context: exact" if exact_steps and k[6] == "decode"
+        how = (f"decode steps, budget {k[7]} >= context: exact"
+               if k[6] == "decode" and decode_steps_exact(row.values())
                else f"sparse decode {k[7]}" + (f", reuse {k[8]}" if k[8] else "")
                + (f", {k[9]} scores" if k[9] else "")
                if k[6] == "decode" else f"{k[6]} continuation" if k[6]
